@@ -1,0 +1,121 @@
+"""The exception tree. The library raises these; only the CLI turns them into exit codes.
+
+Every error carries a one-line message that says what is wrong and, in ``hint``, what to do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+
+class HpclaunchError(Exception):
+    """Base of every error hpclaunch raises on purpose."""
+
+    exit_code: int = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def one_line(self) -> str:
+        """The message and hint folded into one line for a terminal."""
+        text = " ".join(self.message.split())
+        if self.hint:
+            text += f" ({' '.join(self.hint.split())})"
+        return text
+
+
+class ConfigError(HpclaunchError):
+    """The configuration file or a profile is invalid."""
+
+    exit_code = 2
+
+
+class ParameterError(HpclaunchError):
+    """A job parameter has an invalid value or an unknown name."""
+
+    exit_code = 2
+
+
+class TemplateError(HpclaunchError):
+    """A template is missing, or it could not be rendered."""
+
+    exit_code = 2
+
+
+class TransportError(HpclaunchError):
+    """The connection to the cluster, or a file operation over it, failed."""
+
+    exit_code = 3
+
+
+class ConnectionFailed(TransportError):
+    """The SSH connection could not be opened or authenticated."""
+
+
+class HostKeyError(ConnectionFailed):
+    """The server's host key is unknown or has changed."""
+
+
+class CommandError(TransportError):
+    """An external command exited non-zero. Carries argv, exit code, stdout and stderr."""
+
+    def __init__(
+        self,
+        argv: Sequence[str],
+        returncode: int,
+        stdout: str,
+        stderr: str,
+        *,
+        message: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        self.argv = tuple(argv)
+        self.returncode = returncode
+        self.stdout = stdout
+        self.stderr = stderr
+        detail = (stderr.strip() or stdout.strip()).splitlines()
+        last = detail[-1] if detail else "no output"
+        super().__init__(
+            message or f"`{' '.join(self.argv[:2])}` exited with {returncode}: {last}",
+            hint=hint,
+        )
+
+
+class CommandTimeout(TransportError):
+    """An external command did not finish within its deadline."""
+
+
+class SlurmError(HpclaunchError):
+    """Slurm refused or failed an operation."""
+
+    exit_code = 4
+
+
+class SubmissionRejected(SlurmError):
+    """sbatch refused the job; the message quotes Slurm."""
+
+
+class SlurmUnavailable(SlurmError):
+    """The controller did not answer (a transient error worth retrying)."""
+
+
+class JobFailed(SlurmError):
+    """A job ended in a state other than COMPLETED."""
+
+
+class WaitTimeout(HpclaunchError):
+    """A bounded wait ran out."""
+
+    exit_code = 5
+
+
+class JupyterError(HpclaunchError):
+    """The notebook server could not be found, started or reached."""
+
+    exit_code = 6
+
+
+class TunnelError(TransportError):
+    """A port forward could not be opened or broke."""
