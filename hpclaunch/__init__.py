@@ -1,0 +1,68 @@
+"""hpclaunch: JupyterLab tunnels and GPU training jobs on Slurm, from a login node or a laptop.
+
+The public API is importable from here; heavy modules load only when first used.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .errors import (
+    CommandError,
+    ConfigError,
+    ConnectionFailed,
+    HostKeyError,
+    HpclaunchError,
+    JobFailed,
+    JupyterError,
+    ParameterError,
+    SlurmError,
+    SubmissionRejected,
+    TemplateError,
+    TransportError,
+    WaitTimeout,
+)
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from .cluster import Cluster, Job
+    from .slurm.states import JobInfo, JobState
+
+_LAZY = {
+    "Cluster": ("hpclaunch.cluster", "Cluster"),
+    "Job": ("hpclaunch.cluster", "Job"),
+    "JobInfo": ("hpclaunch.slurm.states", "JobInfo"),
+    "JobState": ("hpclaunch.slurm.states", "JobState"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        return getattr(importlib.import_module(module), attr)
+    raise AttributeError(f"module 'hpclaunch' has no attribute {name!r}")
+
+
+__all__ = [
+    "Cluster",
+    "CommandError",
+    "ConfigError",
+    "ConnectionFailed",
+    "HostKeyError",
+    "HpclaunchError",
+    "Job",
+    "JobFailed",
+    "JobInfo",
+    "JobState",
+    "JupyterError",
+    "ParameterError",
+    "SlurmError",
+    "SubmissionRejected",
+    "TemplateError",
+    "TransportError",
+    "WaitTimeout",
+    "__version__",
+]

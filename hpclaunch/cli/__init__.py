@@ -1,0 +1,130 @@
+"""The ``hpclaunch`` command: a lazy click group, one module per command.
+
+Only click and the standard library are imported here, so ``hpclaunch --help`` stays fast;
+each command imports what it needs when it runs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import traceback
+from typing import Any
+
+import click
+
+from ..errors import HpclaunchError
+from .context import AppContext
+
+_COMMANDS: dict[str, tuple[str, str]] = {
+    "render": ("render", "Print the job script a template renders to; submit nothing."),
+    "submit": ("submit", "Submit a template or your own job script."),
+    "status": ("status", "Show the state of jobs (a table, or --json)."),
+    "logs": ("logs", "Print a job's output; -f follows it while the job runs."),
+    "cancel": ("cancel", "Cancel jobs."),
+    "config": ("config_cmd", "Show the resolved profile and where the config file lives."),
+    "templates": ("templates", "List the templates you can render and submit."),
+}
+
+
+class LazyGroup(click.Group):
+    """Imports a command's module only when that command runs or shows its help."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(_COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        entry = _COMMANDS.get(name)
+        if entry is None:
+            return None
+        module = importlib.import_module(f"{__name__}.{entry[0]}")
+        command: click.Command = module.command
+        return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # Short help from the table above, so listing commands imports none of them.
+        rows = [(name, help_) for name, (_, help_) in sorted(_COMMANDS.items())]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(
+    cls=LazyGroup,
+    context_settings={"help_option_names": ["-h", "--help"], "show_default": True},
+    epilog="""\b
+Examples:
+  hpclaunch render run -- python train.py        # see the script, submit nothing
+  hpclaunch submit run --gpus 1 --time 2h -- python train.py
+  hpclaunch status --json
+  hpclaunch logs -f 1234
+  hpclaunch -p mycluster config show
+
+Shell completion (bash): eval "$(_HPCLAUNCH_COMPLETE=bash_source hpclaunch)"
+""",
+)
+@click.option("-p", "--profile", envvar="HPCLAUNCH_PROFILE", show_envvar=True, help="Profile from the config file.")
+@click.option(
+    "--config",
+    "config_path",
+    envvar="HPCLAUNCH_CONFIG",
+    show_envvar=True,
+    type=click.Path(dir_okay=False),
+    help="Config file (default: config.toml in the hpclaunch app directory).",
+)
+@click.option("--host", envvar="HPCLAUNCH_HOST", show_envvar=True, help="SSH host of the login node (an alias from ~/.ssh/config works).")
+@click.option("--user", envvar="HPCLAUNCH_USER", show_envvar=True, help="SSH user name.")
+@click.option("--port", envvar="HPCLAUNCH_PORT", show_envvar=True, type=int, help="SSH port.")
+@click.option(
+    "--template-dir",
+    envvar="HPCLAUNCH_TEMPLATE_DIR",
+    show_envvar=True,
+    type=click.Path(file_okay=False),
+    help="Directory whose templates override or add to the built-in ones.",
+)
+@click.option(
+    "--accept-new-host-key",
+    is_flag=True,
+    default=None,
+    envvar="HPCLAUNCH_ACCEPT_NEW_HOST_KEY",
+    show_envvar=True,
+    help="Trust and record an unknown SSH host key (a changed key is always refused).",
+)
+@click.option("--debug", is_flag=True, envvar="HPCLAUNCH_DEBUG", show_envvar=True, help="Show tracebacks.")
+@click.version_option(package_name="hpclaunch")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool, **options: Any) -> None:
+    """Launch JupyterLab and GPU training jobs on a Slurm cluster, from a login node or a laptop."""
+    app = AppContext(debug=debug, **options)
+    ctx.obj = app
+    ctx.call_on_close(app.close)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: runs the CLI and turns errors into one line and an exit code."""
+    args = sys.argv[1:] if argv is None else argv
+    debug = "--debug" in args or os.environ.get("HPCLAUNCH_DEBUG", "") not in ("", "0")
+    prog = "hpclaunch"
+    try:
+        code = cli.main(args=args, prog_name=prog, standalone_mode=False)
+        if isinstance(code, int) and code:
+            sys.exit(code)
+    except click.Abort:
+        sys.stderr.write("\nhpclaunch: interrupted\n")
+        sys.exit(130)
+    except click.ClickException as err:
+        if debug:
+            traceback.print_exc()
+        where = err.ctx.command_path if isinstance(err, click.UsageError) and err.ctx else prog
+        sys.stderr.write(f"{where}: error: {err.format_message()} (see '{where} --help')\n")
+        sys.exit(err.exit_code)
+    except HpclaunchError as err:
+        if debug:
+            traceback.print_exc()
+        sys.stderr.write(f"hpclaunch: error: {err.one_line()}\n")
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        sys.stderr.write("\nhpclaunch: interrupted\n")
+        sys.exit(130)
+    except BrokenPipeError:
+        sys.exit(0)

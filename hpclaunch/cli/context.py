@@ -1,0 +1,37 @@
+"""State shared by the commands of one ``hpclaunch`` invocation: options and the lazily opened cluster."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from ..cluster import Cluster
+
+
+class AppContext:
+    def __init__(self, *, debug: bool = False, **options: Any) -> None:
+        self.debug = debug
+        self.options = options
+        self._cluster: Cluster | None = None
+
+    def cluster(self) -> Cluster:
+        """The cluster of the chosen profile; its connection opens on first use and closes at exit."""
+        if self._cluster is None:
+            from ..cluster import Cluster
+
+            o = self.options
+            self._cluster = Cluster(
+                o.get("profile"),
+                config=o.get("config_path"),
+                host=o.get("host"),
+                user=o.get("user"),
+                port=o.get("port"),
+                template_dir=o.get("template_dir"),
+                accept_new_host_key=o.get("accept_new_host_key"),
+            )
+        return self._cluster
+
+    def close(self) -> None:
+        if self._cluster is not None:
+            self._cluster.close()
+            self._cluster = None

@@ -1,0 +1,44 @@
+"""``hpclaunch status``: a table of job states, or JSON."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from datetime import datetime
+from enum import Enum
+from typing import Any
+
+import click
+
+from .context import AppContext
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value
+
+
+@click.command("status", epilog="Examples:\n\n  hpclaunch status\n\n  hpclaunch status 1234 1235 --json")
+@click.argument("job_ids", nargs=-1)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.pass_obj
+def command(app: AppContext, job_ids: tuple[str, ...], as_json: bool) -> None:
+    """Show the state of JOB_IDS (one scheduler call), or of all your jobs in the queue."""
+    cluster = app.cluster()
+    if job_ids:
+        infos = list(cluster.states(list(job_ids)).values())
+    else:
+        infos = [job._last for job in cluster.jobs() if job._last is not None]
+    if as_json:
+        click.echo(json.dumps([{k: _plain(v) for k, v in asdict(i).items()} for i in infos], indent=2))
+        return
+    rows = [("JOBID", "STATE", "NAME", "NODES/REASON", "ELAPSED")]
+    for info in infos:
+        where = info.node_list or (info.reason or "")
+        rows.append((info.job_id, info.state.value, info.name or "", where, info.elapsed or ""))
+    widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())

@@ -1,0 +1,335 @@
+"""The object people script against: one profile, one connection, many jobs.
+
+The CLI commands are thin layers over :class:`Cluster` and :class:`Job`.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
+
+from . import config as config_mod
+from .errors import HpclaunchError, ParameterError, TemplateError
+from .params import JOB_PARAMS, resolve, sbatch_directives, validate_params
+from .render import Renderer
+
+if TYPE_CHECKING:
+    from .scheduler import Scheduler
+    from .slurm.states import JobInfo
+    from .transport.base import Transport
+
+
+class Cluster:
+    """A Slurm cluster (or this machine) reached through one transport, opened lazily, once.
+
+    >>> with Cluster("mycluster") as cluster:          # doctest: +SKIP
+    ...     job = cluster.submit("run", command=["python", "train.py"], gpus=1, time="2h")
+    ...     job.wait()
+    """
+
+    def __init__(
+        self,
+        profile: str | config_mod.Profile | None = None,
+        *,
+        config: str | os.PathLike[str] | None = None,
+        host: str | None = None,
+        user: str | None = None,
+        port: int | None = None,
+        template_dir: str | None = None,
+        accept_new_host_key: bool | None = None,
+        transport: Transport | None = None,
+        **job_defaults: Any,
+    ) -> None:
+        if isinstance(profile, config_mod.Profile):
+            chosen = profile
+        else:
+            chosen = config_mod.load(config).profile(profile)
+        chosen = chosen.with_overrides(
+            host=host,
+            user=user,
+            port=port,
+            template_dir=template_dir,
+            accept_new_host_key=accept_new_host_key,
+        )
+        config_mod.check_profile(chosen)
+        self.profile = chosen
+        self._job_defaults = validate_params(job_defaults, source="Cluster()")
+        self._transport = transport
+        self._scheduler: Scheduler | None = None
+        self._renderer: Renderer | None = None
+
+    # --- lazily built parts -------------------------------------------------------------------
+
+    @property
+    def transport(self) -> Transport:
+        """The connection, opened on first use."""
+        if self._transport is None:
+            from .transport import connect
+
+            p = self.profile
+            self._transport = connect(
+                p.host,
+                user=p.user,
+                port=p.port,
+                identity_file=p.identity_file,
+                ssh_config_path=p.ssh_config,
+                accept_new_host_key=p.accept_new_host_key,
+            )
+        return self._transport
+
+    @property
+    def scheduler(self) -> Scheduler:
+        if self._scheduler is None:
+            if self.profile.scheduler == "local":
+                from .localsched import LocalScheduler
+
+                self._scheduler = LocalScheduler()
+            else:
+                from .slurm.client import SlurmClient
+
+                self._scheduler = SlurmClient(self.transport)
+        return self._scheduler
+
+    @property
+    def renderer(self) -> Renderer:
+        if self._renderer is None:
+            self._renderer = Renderer(self.profile.template_dir)
+        return self._renderer
+
+    @property
+    def is_remote(self) -> bool:
+        return bool(self.profile.host)
+
+    # --- parameters and scripts ----------------------------------------------------------------
+
+    def resolve_job(self, params: Mapping[str, Any], *, default_name: str) -> dict[str, Any]:
+        """Call-site values > Cluster() keyword defaults > profile > built-in defaults."""
+        given = validate_params(params)
+        job = resolve(given, self._job_defaults, self.profile.job, params=JOB_PARAMS)
+        if not job.get("job_name"):
+            job["job_name"] = default_name
+        return job
+
+    def new_run_dir(self, name: str) -> str:
+        """A fresh, unique directory name under the profile's work directory (not yet created)."""
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)[:60]
+        base = self.transport.expand(self.profile.workdir)
+        return str(PurePosixPath(base) / f"{safe}-{stamp}-{secrets.token_hex(3)}")
+
+    def render(
+        self,
+        template: str,
+        *,
+        command: Sequence[str] = (),
+        variables: Mapping[str, Any] | None = None,
+        run_dir: str | None = None,
+        **params: Any,
+    ) -> str:
+        """The job script ``template`` renders to, with nothing submitted."""
+        script, _, _ = self._prepare(template, command, variables, run_dir, params)
+        return script
+
+    def _prepare(
+        self,
+        template: str,
+        command: Sequence[str],
+        variables: Mapping[str, Any] | None,
+        run_dir: str | None,
+        params: Mapping[str, Any],
+    ) -> tuple[str, str, dict[str, Any]]:
+        self.renderer.source_of(template)  # fail before connecting when the name is wrong
+        job = self.resolve_job(params, default_name=f"hpclaunch-{template}")
+        run_dir = run_dir or self.new_run_dir(job["job_name"])
+        for key in ("venv", "output", "error", "conda_env"):
+            if job.get(key) and str(job[key]).startswith("~"):
+                job[key] = self.transport.expand(job[key])
+        context: dict[str, Any] = {
+            "job": job,
+            "run_dir": run_dir,
+            "directives": sbatch_directives(job, output=f"{run_dir}/slurm-%j.out", chdir=run_dir),
+            "command": list(command),
+            "vars": dict(variables or {}),
+        }
+        if template == "run" and not command:
+            raise ParameterError("the 'run' template needs a command", hint="e.g. hpclaunch submit run -- hostname")
+        return self.renderer.render(template, context), run_dir, job
+
+    # --- jobs ----------------------------------------------------------------------------------
+
+    def submit(
+        self,
+        template_or_script: str,
+        *,
+        command: Sequence[str] = (),
+        variables: Mapping[str, Any] | None = None,
+        files: Mapping[str, str] | None = None,
+        **params: Any,
+    ) -> Job:
+        """Render a template (or take a local script file) and submit it; returns the queued job.
+
+        ``files`` maps local paths to names to stage into the run directory before submission.
+        """
+        if _looks_like_path(template_or_script):
+            return self._submit_script(Path(template_or_script), params)
+        script, run_dir, job = self._prepare(template_or_script, command, variables, None, params)
+        self.transport.makedirs(run_dir, mode=0o700)
+        for local, name in (files or {}).items():
+            self.transport.put(local, f"{run_dir}/{name}")
+        self.transport.write_text(f"{run_dir}/job.sbatch", script, mode=0o600)
+        job_id = self.scheduler.submit(script, workdir=run_dir)
+        return Job(self, job_id, run_dir=run_dir, name=job["job_name"])
+
+    def _submit_script(self, path: Path, params: Mapping[str, Any]) -> Job:
+        if not path.is_file():
+            raise TemplateError(f"job script {path} does not exist", hint="give a template name or a script file")
+        try:
+            script = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise TemplateError(f"cannot read job script {path}: {err}") from None
+        # Only what the user asked for overrides the script's own #SBATCH lines.
+        given = validate_params(params)
+        given = {**self.profile.job, **self._job_defaults, **given}
+        run_dir = None
+        if self.is_remote:
+            run_dir = self.new_run_dir(path.stem)
+            self.transport.makedirs(run_dir, mode=0o700)
+        args = sbatch_directives(given, chdir=run_dir)
+        job_id = self.scheduler.submit(script, sbatch_args=args, workdir=run_dir or os.getcwd())
+        return Job(self, job_id, run_dir=run_dir, name=given.get("job_name") or path.name)
+
+    def job(self, job_id: str | int) -> Job:
+        """Reattach to any job by id (submitted from anywhere)."""
+        return Job(self, str(job_id))
+
+    def jobs(self, name_prefix: str | None = None) -> list[Job]:
+        """The user's jobs in the queue, optionally only those whose name starts with ``name_prefix``."""
+        return [Job(self, info.job_id, name=info.name, info=info) for info in self.scheduler.jobs(name_prefix)]
+
+    def states(self, jobs: Sequence[Job | str]) -> dict[str, JobInfo]:
+        """The state of many jobs in one scheduler call."""
+        ids = [j.id if isinstance(j, Job) else str(j) for j in jobs]
+        return self.scheduler.states(ids)
+
+    # --- lifetime ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+            self._scheduler = None
+
+    def __enter__(self) -> Cluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        where = self.profile.host or "this machine"
+        return f"Cluster(profile={self.profile.name!r}, host={where!r})"
+
+
+class Job:
+    """A submitted job: ask its state, wait for it, read its output, cancel it."""
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        job_id: str,
+        *,
+        run_dir: str | None = None,
+        name: str | None = None,
+        info: JobInfo | None = None,
+    ) -> None:
+        self.cluster = cluster
+        self.id = job_id
+        self.run_dir = run_dir
+        self.name = name
+        self._last: JobInfo | None = info
+
+    def info(self) -> JobInfo:
+        """Fresh details from the scheduler (one call)."""
+        self._last = self.cluster.scheduler.info(self.id)
+        return self._last
+
+    @property
+    def state(self) -> str:
+        return self.info().state.value
+
+    def wait(
+        self, timeout: float | None = None, on_update: Callable[[JobInfo], None] | None = None
+    ) -> JobInfo:
+        """Block until the job ends; raises WaitTimeout after ``timeout`` seconds."""
+        infos = self.cluster.scheduler.wait([self.id], timeout=timeout, on_update=_single(on_update))
+        self._last = infos[self.id]
+        return self._last
+
+    def cancel(self) -> None:
+        self.cluster.scheduler.cancel(self.id)
+
+    def output_path(self) -> str:
+        return self.cluster.scheduler.output_path(self.id)
+
+    def logs(self) -> str:
+        """The job's output so far."""
+        path = self.output_path()
+        if not self.cluster.transport.exists(path):
+            return ""
+        return self.cluster.transport.read_text(path)
+
+    def follow(self, *, poll: float = 0.25, max_poll: float = 2.0, chunk: int = 1 << 16) -> Iterator[str]:
+        """Yield the job's output as it is written, until the job has ended and all is read.
+
+        Reads in bounded chunks from an offset, so a 100 MB log costs no more memory than a small one.
+        """
+        transport = self.cluster.transport
+        offset = 0
+        path: str | None = None
+        delay = poll
+        while True:
+            ended = self.info().is_terminal
+            if path is None:
+                try:
+                    path = self.output_path()
+                except HpclaunchError:
+                    path = None
+            grew = False
+            if path is not None:
+                while True:
+                    data = transport.read_bytes(path, offset=offset, limit=chunk) if transport.exists(path) else b""
+                    if not data:
+                        break
+                    offset += len(data)
+                    grew = True
+                    yield data.decode("utf-8", errors="replace")
+                    if len(data) < chunk:
+                        break
+            if ended and not grew:
+                return
+            delay = poll if grew else min(max_poll, delay * 1.5)
+            if not ended:
+                time.sleep(delay)
+
+    def __repr__(self) -> str:
+        return f"Job({self.id!r}, name={self.name!r})"
+
+
+def _single(callback: Callable[[JobInfo], None] | None) -> Callable[[Mapping[str, JobInfo]], None] | None:
+    if callback is None:
+        return None
+
+    def each(infos: Mapping[str, JobInfo]) -> None:
+        for info in infos.values():
+            callback(info)
+
+    return each
+
+
+def _looks_like_path(value: str) -> bool:
+    return "/" in value or value.endswith((".sh", ".slurm", ".sbatch", ".bash")) or Path(value).is_file()

@@ -1,0 +1,228 @@
+"""Profiles from a TOML file, layered as flag > environment variable > profile > defaults.
+
+```toml
+default = "mycluster"
+
+[clusters.mycluster]
+host = "login.hpc.example.edu"   # leave out to use this machine's Slurm
+user = "alice"
+partition = "gpu"
+gpus = 1
+setup = ["module load cuda/12.4", "source ~/venvs/torch/bin/activate"]
+workdir = "~/hpclaunch"
+```
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import sys
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, ParameterError
+from .params import PARAMS_BY_NAME, validate_params
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+CONFIG_ENV = "HPCLAUNCH_CONFIG"
+PROFILE_ENV = "HPCLAUNCH_PROFILE"
+APP_NAME = "hpclaunch"
+
+#: Profile names that exist without a config file.
+BUILTIN_LOCAL = "local"  # no Slurm: jobs run as background processes on this machine
+BUILTIN_SLURM = "slurm"  # this machine's own sbatch (a login node)
+
+TUNNEL_MODES = ("direct", "node")
+SCHEDULERS = ("slurm", "local")
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Where and how jobs run: the connection, the scheduler and default job parameters."""
+
+    name: str
+    host: str | None = None
+    user: str | None = None
+    port: int | None = None
+    identity_file: str | None = None
+    ssh_config: str | None = None
+    accept_new_host_key: bool = False
+    scheduler: str = "slurm"
+    workdir: str = "~/hpclaunch"
+    template_dir: str | None = None
+    tunnel: str = "direct"
+    job: Mapping[str, Any] = field(default_factory=dict)
+    source: str = "built-in"
+
+    def with_overrides(self, **changes: Any) -> Profile:
+        """A copy with the non-None ``changes`` applied (flags and environment variables)."""
+        return replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name in ("job", "name", "source"):
+                continue
+            out[f.name] = getattr(self, f.name)
+        out.update({k: list(v) if isinstance(v, tuple) else v for k, v in self.job.items()})
+        return out
+
+
+_CONNECTION_KEYS: dict[str, type | tuple[type, ...]] = {
+    "host": str,
+    "user": str,
+    "port": int,
+    "identity_file": str,
+    "ssh_config": str,
+    "accept_new_host_key": bool,
+    "scheduler": str,
+    "workdir": str,
+    "template_dir": str,
+    "tunnel": str,
+}
+PROFILE_KEYS: tuple[str, ...] = tuple(_CONNECTION_KEYS) + tuple(PARAMS_BY_NAME)
+
+
+def default_config_path() -> Path:
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env).expanduser()
+    import click  # already imported by the CLI; cheap
+
+    return Path(click.get_app_dir(APP_NAME)) / "config.toml"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The parsed config file: named profiles and which one is the default."""
+
+    path: Path
+    profiles: Mapping[str, Profile]
+    default: str | None
+    exists: bool
+
+    def profile(self, name: str | None = None) -> Profile:
+        """The named profile, or the default: the file's, else this machine's Slurm, else ``local``."""
+        chosen = name or os.environ.get(PROFILE_ENV) or self.default
+        if chosen is None:
+            if len(self.profiles) == 1:
+                chosen = next(iter(self.profiles))
+            else:
+                chosen = BUILTIN_SLURM if shutil.which("sbatch") else BUILTIN_LOCAL
+        if chosen in self.profiles:
+            return self.profiles[chosen]
+        if chosen == BUILTIN_LOCAL:
+            return Profile(name=BUILTIN_LOCAL, scheduler="local", workdir="~/.local/share/hpclaunch/runs")
+        if chosen == BUILTIN_SLURM:
+            return Profile(name=BUILTIN_SLURM)
+        known = sorted({*self.profiles, BUILTIN_LOCAL, BUILTIN_SLURM})
+        where = str(self.path) if self.exists else f"{self.path} (which does not exist)"
+        raise ConfigError(
+            f"unknown profile {chosen!r}",
+            hint=f"profiles in {where}: {', '.join(known)}",
+        )
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Config:
+    """Read and validate the config file; a missing file is an empty config."""
+    file = Path(path).expanduser() if path else default_config_path()
+    if not file.exists():
+        if path or os.environ.get(CONFIG_ENV):
+            raise ConfigError(f"config file {file} does not exist", hint=f"create it or unset {CONFIG_ENV}")
+        return Config(path=file, profiles={}, default=None, exists=False)
+    _warn_if_readable_by_others(file)
+    try:
+        data = tomllib.loads(file.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"{file}: not valid TOML: {err}") from None
+    except OSError as err:
+        raise ConfigError(f"{file}: cannot read: {err.strerror}") from None
+    return _parse(file, data)
+
+
+def _parse(file: Path, data: Mapping[str, Any]) -> Config:
+    for key in data:
+        if key not in ("default", "clusters"):
+            raise ConfigError(f"{file}: unknown top-level key {key!r}", hint="valid: default, clusters")
+    clusters = data.get("clusters", {})
+    if not isinstance(clusters, dict):
+        raise ConfigError(f"{file}: 'clusters' must be a table of [clusters.NAME] sections")
+    profiles = {name: _parse_profile(file, name, body) for name, body in clusters.items()}
+    default = data.get("default")
+    if default is not None:
+        if not isinstance(default, str):
+            raise ConfigError(f"{file}: 'default' must be a profile name")
+        if default not in profiles and default not in (BUILTIN_LOCAL, BUILTIN_SLURM):
+            raise ConfigError(
+                f"{file}: default profile {default!r} is not defined",
+                hint="defined: " + ", ".join(sorted(profiles)) if profiles else "add a [clusters.NAME] section",
+            )
+    return Config(path=file, profiles=profiles, default=default, exists=True)
+
+
+def _parse_profile(file: Path, name: str, body: Any) -> Profile:
+    where = f"{file}: [clusters.{name}]"
+    if not isinstance(body, dict):
+        raise ConfigError(f"{where} must be a table")
+    connection: dict[str, Any] = {}
+    job_values: dict[str, Any] = {}
+    for key, value in body.items():
+        if key in _CONNECTION_KEYS:
+            expected = _CONNECTION_KEYS[key]
+            if isinstance(value, bool) and expected is not bool or not isinstance(value, expected):
+                want = expected.__name__ if isinstance(expected, type) else "value"
+                raise ConfigError(f"{where}: {key} must be a {want}, got {value!r}")
+            connection[key] = value
+        elif key in PARAMS_BY_NAME:
+            job_values[key] = value
+        else:
+            raise ConfigError(
+                f"{where}: unknown key {key!r}",
+                hint="valid keys: " + ", ".join(PROFILE_KEYS),
+            )
+    try:
+        job = validate_params(job_values)
+    except ParameterError as err:
+        raise ConfigError(f"{where}: {err.message}", hint=err.hint) from None
+    profile = Profile(name=name, job=job, source=str(file), **connection)
+    check_profile(profile, where)
+    return profile
+
+
+def check_profile(profile: Profile, where: str = "") -> None:
+    """Validate values that only make sense together; ``where`` names their origin."""
+    prefix = f"{where}: " if where else ""
+    if profile.tunnel not in TUNNEL_MODES:
+        raise ConfigError(f"{prefix}tunnel must be one of {', '.join(TUNNEL_MODES)}, got {profile.tunnel!r}")
+    if profile.scheduler not in SCHEDULERS:
+        raise ConfigError(
+            f"{prefix}scheduler must be one of {', '.join(SCHEDULERS)}, got {profile.scheduler!r}"
+        )
+    if profile.scheduler == "local" and profile.host:
+        raise ConfigError(f"{prefix}the local scheduler runs on this machine: remove 'host'")
+    if profile.port is not None and not 0 < profile.port < 65536:
+        raise ConfigError(f"{prefix}port must be between 1 and 65535, got {profile.port}")
+    for key in ("host", "user"):
+        value = getattr(profile, key)
+        if value is not None and (not value.strip() or any(c.isspace() for c in value)):
+            raise ConfigError(f"{prefix}{key} {value!r} must be one word")
+
+
+def _warn_if_readable_by_others(file: Path) -> None:
+    try:
+        mode = file.stat().st_mode
+    except OSError:
+        return
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        warnings.warn(
+            f"{file} is writable by other users; run: chmod 600 {file}", UserWarning, stacklevel=3
+        )

@@ -1,0 +1,56 @@
+"""What the user sees while waiting: one status line that rewrites itself on a terminal."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import time
+from typing import TextIO
+
+_FRAMES = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
+
+
+class StatusLine:
+    """A spinner and a message on stderr; on a pipe or file only changed messages are printed."""
+
+    def __init__(self, stream: TextIO | None = None, *, enabled: bool = True) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.tty = self.stream.isatty()
+        self._frames = itertools.cycle(_FRAMES)
+        self._last = ""
+        self._width = 0
+        self._start = time.monotonic()
+
+    def update(self, message: str) -> None:
+        if not self.enabled:
+            return
+        if self.tty:
+            elapsed = time.monotonic() - self._start
+            text = f"{next(self._frames)} {message} [{elapsed:4.0f}s]"
+            pad = max(0, self._width - len(text))
+            self.stream.write("\r" + text + " " * pad)
+            self.stream.flush()
+            self._width = len(text)
+        elif message != self._last:
+            self.stream.write(message + "\n")
+            self.stream.flush()
+        self._last = message
+
+    def clear(self) -> None:
+        if self.enabled and self.tty and self._width:
+            self.stream.write("\r" + " " * self._width + "\r")
+            self.stream.flush()
+            self._width = 0
+
+    def __enter__(self) -> StatusLine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.clear()
+
+
+def say(message: str) -> None:
+    """A line for the user on stderr (stdout is kept for results)."""
+    sys.stderr.write(message + "\n")
+    sys.stderr.flush()
