@@ -159,8 +159,15 @@ def _directives(name: str, raw: Any) -> tuple[str, ...]:
     return items
 
 
-def _slurm_names(name: str, raw: Any) -> tuple[str, ...]:
-    return tuple(_slurm_name(name, item) for item in _text_list(name, raw))
+_MODULE = re.compile(r"^[A-Za-z0-9_.+/@:\-]+$")
+
+
+def _module_names(name: str, raw: Any) -> tuple[str, ...]:
+    items = _text_list(name, raw)
+    for item in items:
+        if not _MODULE.match(item):
+            raise ParameterError(f"{name}: {item!r} is not an environment module name, e.g. cuda/12.4")
+    return items
 
 
 def _path(name: str, raw: Any) -> str:
@@ -211,7 +218,7 @@ JOB_PARAMS: tuple[Param, ...] = (
     Param("partition", "Partition (queue) to submit to.", _slurm_name, metavar="NAME"),
     Param("account", "Account to charge.", _slurm_name, metavar="NAME"),
     Param("qos", "Quality of service.", _slurm_name, metavar="NAME"),
-    Param("time", "Time limit, e.g. 30, 2:00:00, 1-12:00:00, 90m, 2h.", _time, "1:00:00", "TIME"),
+    Param("time", "Time limit, e.g. 30, 2:00:00, 1-12:00:00, 90m, 2h.", _time, "01:00:00", "TIME"),
     Param("nodes", "Number of nodes.", _as_int(1), 1, "N"),
     Param("ntasks_per_node", "Tasks (processes) per node; one per GPU for training.", _as_int(1), 1, "N"),
     Param("cpus_per_task", "CPU cores per task.", _as_int(1), 1, "N"),
@@ -229,7 +236,7 @@ JOB_PARAMS: tuple[Param, ...] = (
         "OPTION",
         multiple=True,
     ),
-    Param("modules", "Environment module to load (repeatable).", _slurm_names, (), "MODULE", multiple=True),
+    Param("modules", "Environment module to load (repeatable).", _module_names, (), "MODULE", multiple=True),
     Param("conda_env", "Conda environment to activate.", _path, None, "ENV"),
     Param("venv", "Python virtual environment directory to activate.", _path, None, "DIR"),
     Param(

@@ -54,6 +54,8 @@ def sbatch_quote(value: Any) -> str:
 
 
 def _scalar(value: Any) -> str:
+    if type(value).__name__.endswith("Undefined"):
+        str(value)  # a StrictUndefined raises its own clear UndefinedError here
     if isinstance(value, (str, int, float)) and not isinstance(value, bool):
         return str(value)
     raise ParameterError(f"cannot write {type(value).__name__} {value!r} into a job script")
