@@ -142,6 +142,7 @@ class Cluster:
         variables: Mapping[str, Any] | None,
         run_dir: str | None,
         params: Mapping[str, Any],
+        extra: Mapping[str, Any] | None = None,
     ) -> tuple[str, str, dict[str, Any]]:
         self.renderer.source_of(template)  # fail before connecting when the name is wrong
         job = self.resolve_job(params, default_name=f"hpclaunch-{template}")
@@ -155,6 +156,7 @@ class Cluster:
             "directives": sbatch_directives(job, output=f"{run_dir}/slurm-%j.out", chdir=run_dir),
             "command": list(command),
             "vars": dict(variables or {}),
+            **(extra or {}),
         }
         if template == "run" and not command:
             raise ParameterError("the 'run' template needs a command", hint="e.g. hpclaunch submit run -- hostname")
@@ -183,7 +185,27 @@ class Cluster:
             self.transport.put(local, f"{run_dir}/{name}")
         self.transport.write_text(f"{run_dir}/job.sbatch", script, mode=0o600)
         job_id = self.scheduler.submit(script, workdir=run_dir)
-        return Job(self, job_id, run_dir=run_dir, name=job["job_name"])
+        output = None if job.get("output") else f"{run_dir}/slurm-{job_id}.out"
+        return Job(self, job_id, run_dir=run_dir, name=job["job_name"], output=output)
+
+    def submit_prepared(
+        self,
+        template: str,
+        *,
+        run_dir: str,
+        context: Mapping[str, Any],
+        params: Mapping[str, Any],
+        command: Sequence[str] = (),
+    ) -> Job:
+        """Submit ``template`` into an existing run directory with extra template ``context``.
+
+        Used by the notebook and training commands, which stage files there first.
+        """
+        script, run_dir, job = self._prepare(template, command, None, run_dir, params, context)
+        self.transport.write_text(f"{run_dir}/job.sbatch", script, mode=0o600)
+        job_id = self.scheduler.submit(script, workdir=run_dir)
+        output = None if job.get("output") else f"{run_dir}/slurm-{job_id}.out"
+        return Job(self, job_id, run_dir=run_dir, name=job["job_name"], output=output)
 
     def _submit_script(self, path: Path, params: Mapping[str, Any]) -> Job:
         if not path.is_file():
@@ -246,12 +268,14 @@ class Job:
         run_dir: str | None = None,
         name: str | None = None,
         info: JobInfo | None = None,
+        output: str | None = None,
     ) -> None:
         self.cluster = cluster
         self.id = job_id
         self.run_dir = run_dir
         self.name = name
         self._last: JobInfo | None = info
+        self._output = output
 
     def info(self) -> JobInfo:
         """Fresh details from the scheduler (one call)."""
@@ -274,7 +298,14 @@ class Job:
         self.cluster.scheduler.cancel(self.id)
 
     def output_path(self) -> str:
-        return self.cluster.scheduler.output_path(self.id)
+        """Where the job's output goes (known without asking Slurm when we chose it)."""
+        if self._output is None:
+            self._output = self.cluster.scheduler.output_path(self.id)
+        return self._output
+
+    def output_path_hint(self) -> str | None:
+        """The output path when known without a scheduler call."""
+        return self._output
 
     def logs(self) -> str:
         """The job's output so far."""

@@ -13,10 +13,12 @@ class HpclaunchError(Exception):
 
     exit_code: int = 1
 
-    def __init__(self, message: str, *, hint: str | None = None) -> None:
+    def __init__(self, message: str, *, hint: str | None = None, details: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.hint = hint
+        #: Supporting text shown under the one line, such as the last lines of a job's log.
+        self.details = details
 
     def one_line(self) -> str:
         """The message and hint folded into one line for a terminal."""

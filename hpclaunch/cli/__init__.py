@@ -25,6 +25,10 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "cancel": ("cancel", "Cancel jobs."),
     "config": ("config_cmd", "Show the resolved profile and where the config file lives."),
     "templates": ("templates", "List the templates you can render and submit."),
+    "jupyter": ("jupyter", "Start JupyterLab on a compute node and tunnel to it."),
+    "attach": ("jupyter:attach", "Reopen the tunnel to a running notebook."),
+    "sessions": ("jupyter:sessions", "List your running notebooks."),
+    "stop": ("jupyter:stop", "End running notebooks."),
 }
 
 
@@ -38,8 +42,9 @@ class LazyGroup(click.Group):
         entry = _COMMANDS.get(name)
         if entry is None:
             return None
-        module = importlib.import_module(f"{__name__}.{entry[0]}")
-        command: click.Command = module.command
+        module_name, _, attr = entry[0].partition(":")
+        module = importlib.import_module(f"{__name__}.{module_name}")
+        command: click.Command = getattr(module, attr or "command")
         return command
 
     def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
@@ -122,6 +127,8 @@ def main(argv: list[str] | None = None) -> None:
         if debug:
             traceback.print_exc()
         sys.stderr.write(f"hpclaunch: error: {err.one_line()}\n")
+        if err.details:
+            sys.stderr.write(err.details.rstrip("\n") + "\n")
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
         sys.stderr.write("\nhpclaunch: interrupted\n")

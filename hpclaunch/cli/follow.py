@@ -22,5 +22,5 @@ def follow_job(job: Job, *, stream: bool = True) -> None:
     else:
         info = job.wait()
     if info.state.value != "COMPLETED":
-        raise JobFailed(f"job {job.id} ended {info.describe()}")
-    say(f"job {job.id} {info.describe()}")
+        raise JobFailed(f"job {info.describe()}")
+    say(f"job {info.describe()}")

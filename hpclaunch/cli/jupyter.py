@@ -1,0 +1,170 @@
+"""``hpclaunch jupyter``, ``sessions``, ``attach`` and ``stop``: notebooks on compute nodes."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Any
+
+import click
+
+from ..console import StatusLine, say
+from ..errors import HpclaunchError
+from .context import AppContext
+from .options import given, job_options
+
+_SESSION_OPTIONS = [
+    click.option("--app", type=click.Choice(["lab", "notebook", "server"]), default="lab", envvar="HPCLAUNCH_JUPYTER_APP",
+                 show_envvar=True, help="Which Jupyter front end to start."),
+    click.option("--tunnel", type=click.Choice(["direct", "node"]), default=None, envvar="HPCLAUNCH_TUNNEL", show_envvar=True,
+                 help="direct: login host forwards to node:port. node: jump into the node, Jupyter on its 127.0.0.1. "
+                 "[default: the profile's, else direct]"),
+    click.option("--local-port", type=click.IntRange(0, 65535), default=0, envvar="HPCLAUNCH_LOCAL_PORT", show_envvar=True,
+                 help="Local port of the tunnel (0 = any free port)."),
+    click.option("--server-timeout", type=click.FloatRange(min=1), default=300.0, envvar="HPCLAUNCH_SERVER_TIMEOUT",
+                 show_envvar=True, help="Seconds to wait for Jupyter once the job runs."),
+    click.option("--open/--no-browser", "open_browser", default=False, help="Open the URL in a browser."),
+]
+
+
+def _session_options(func: Any) -> Any:
+    for option in reversed(_SESSION_OPTIONS):
+        func = option(func)
+    return func
+
+
+@click.command(
+    "jupyter",
+    epilog="""\b
+Examples:
+  hpclaunch jupyter                          # one notebook with the profile's defaults
+  hpclaunch jupyter --gpus 1 --time 2h --open
+  hpclaunch jupyter --keep                   # leave it running after Ctrl-C; reattach with `hpclaunch attach`
+""",
+)
+@job_options()
+@_session_options
+@click.option("--idle-timeout", type=click.IntRange(0), default=0, envvar="HPCLAUNCH_IDLE_TIMEOUT", show_envvar=True,
+              help="Shut the server down (freeing the allocation) after this many idle seconds; 0 = never.")
+@click.option("--queue-timeout", type=click.FloatRange(min=1), default=None, envvar="HPCLAUNCH_QUEUE_TIMEOUT",
+              show_envvar=True, help="Give up (and cancel) if the job is still pending after this many seconds.")
+@click.option("--keep", is_flag=True, help="Leave the job running when this command ends.")
+@click.pass_obj
+def command(app_ctx: AppContext, app: str, tunnel: str | None, local_port: int, server_timeout: float,
+            open_browser: bool, idle_timeout: int, queue_timeout: float | None, keep: bool, **values: Any) -> None:
+    """Start JupyterLab on a compute node and tunnel to it; Ctrl-C ends it."""
+    from ..jupyter import records, session as jsession
+
+    cluster = app_ctx.cluster()
+    options = jsession.JupyterOptions(
+        app=app, idle_timeout=idle_timeout, server_timeout=server_timeout, queue_timeout=queue_timeout,
+        local_port=local_port, tunnel=tunnel,
+    )
+    with StatusLine() as line:
+        sess = jsession.start(cluster, options, given(values), status=line.update)
+    records.add(job_id=sess.job.id, profile=cluster.profile.name, host=cluster.profile.host,
+                run_dir=sess.job.run_dir, node=sess.location.host, port=sess.location.port)
+    _serve(sess, keep=keep, open_browser=open_browser)
+
+
+@click.command("attach", epilog="Example:\n\n  hpclaunch attach 1234 --open")
+@click.argument("job_id")
+@_session_options
+@click.pass_obj
+def attach(app_ctx: AppContext, job_id: str, app: str, tunnel: str | None, local_port: int, server_timeout: float,
+           open_browser: bool) -> None:
+    """Open the tunnel to the running notebook JOB_ID again (Ctrl-C detaches, the job keeps running)."""
+    from ..jupyter import session as jsession
+
+    cluster = app_ctx.cluster()
+    options = jsession.JupyterOptions(app=app, server_timeout=server_timeout, local_port=local_port, tunnel=tunnel)
+    with StatusLine() as line:
+        sess = jsession.attach(cluster, job_id, options, status=line.update)
+    _serve(sess, keep=True, open_browser=open_browser)
+
+
+@click.command("sessions")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def sessions(app_ctx: AppContext, as_json: bool) -> None:
+    """List your running notebooks (from Slurm, by hpclaunch's job name, and this machine's record)."""
+    import json
+
+    from ..jupyter import records
+    from ..jupyter.session import JOB_PREFIX
+
+    cluster = app_ctx.cluster()
+    jobs = cluster.jobs(name_prefix=JOB_PREFIX)
+    known = {r["job_id"]: r for r in records.load() if r.get("profile") == cluster.profile.name}
+    rows = []
+    for job in jobs:
+        info = job._last
+        record = known.get(job.id, {})
+        rows.append({
+            "job_id": job.id,
+            "state": info.state.value if info else "?",
+            "node": (info.node_list if info else None) or record.get("node"),
+            "started_here": bool(record),
+            "run_dir": record.get("run_dir") or (info.work_dir if info else None),
+        })
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
+        say("no running notebooks; start one with: hpclaunch jupyter")
+        return
+    for row in rows:
+        click.echo(f"{row['job_id']:>10}  {row['state']:<10} {row['node'] or '-':<12} {'(started here)' if row['started_here'] else ''}")
+
+
+@click.command("stop", epilog="Example:\n\n  hpclaunch stop 1234")
+@click.argument("job_ids", nargs=-1, required=True)
+@click.pass_obj
+def stop(app_ctx: AppContext, job_ids: tuple[str, ...]) -> None:
+    """End the notebooks JOB_IDS (cancels their jobs)."""
+    from ..jupyter import records
+
+    cluster = app_ctx.cluster()
+    for job_id in job_ids:
+        cluster.job(job_id).cancel()
+        records.remove(job_id, cluster.profile.name)
+        say(f"stopped notebook job {job_id}")
+
+
+def _serve(sess: Any, *, keep: bool, open_browser: bool) -> None:
+    """Show the URL, keep the tunnel up until Ctrl-C or the job ends, then clean up."""
+    from ..jupyter import records
+
+    cluster = sess.cluster
+    click.echo(sess.url)
+    say(f"Jupyter is running in job {sess.job.id} on {sess.location.host}.")
+    say(f"Same tunnel with OpenSSH: {sess.ssh_command}")
+    say("Press Ctrl-C to stop" + (" (the job keeps running)." if keep else " (the job will be cancelled)."))
+    if open_browser:
+        import webbrowser
+
+        webbrowser.open(sess.url)
+    ended: Any = None
+    try:
+        delay = 2.0
+        while ended is None:
+            time.sleep(delay)
+            try:
+                info = sess.job.info()
+            except HpclaunchError:
+                continue  # a dropped connection: the transport reconnects on the next call
+            if info.is_terminal:
+                ended = info
+    except KeyboardInterrupt:
+        pass
+    finally:
+        with contextlib.suppress(HpclaunchError):
+            sess.close(cancel=not keep and ended is None)
+    if ended is not None:
+        records.remove(sess.job.id, cluster.profile.name)
+        raise HpclaunchError(f"notebook job {ended.describe()} ended")
+    if keep:
+        say(f"tunnel closed; job {sess.job.id} keeps running: hpclaunch attach {sess.job.id}")
+    else:
+        records.remove(sess.job.id, cluster.profile.name)
+        say(f"cancelled job {sess.job.id}")
