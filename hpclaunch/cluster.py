@@ -145,6 +145,8 @@ class Cluster:
         extra: Mapping[str, Any] | None = None,
     ) -> tuple[str, str, dict[str, Any]]:
         self.renderer.source_of(template)  # fail before connecting when the name is wrong
+        if template == "run" and not command:
+            raise ParameterError("the 'run' template needs a command", hint="e.g. hpclaunch submit run -- hostname")
         job = self.resolve_job(params, default_name=f"hpclaunch-{template}")
         run_dir = run_dir or self.new_run_dir(job["job_name"])
         for key in ("venv", "output", "error", "conda_env"):
@@ -158,8 +160,6 @@ class Cluster:
             "vars": dict(variables or {}),
             **(extra or {}),
         }
-        if template == "run" and not command:
-            raise ParameterError("the 'run' template needs a command", hint="e.g. hpclaunch submit run -- hostname")
         return self.renderer.render(template, context), run_dir, job
 
     # --- jobs ----------------------------------------------------------------------------------
