@@ -7,9 +7,24 @@ only the SSH transport turns it into a string, at its boundary, with ``shlex.joi
 from __future__ import annotations
 
 import abc
+import collections
 import contextlib
+import threading
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from hpclaunch.errors import TransportError
+
+
+class PathNotFound(TransportError, FileNotFoundError):
+    """A file or directory does not exist on the transport's side.
+
+    Also a ``FileNotFoundError``, so ``except FileNotFoundError`` works the same for both transports.
+    """
+
+    def __init__(self, path: str, where: str) -> None:
+        TransportError.__init__(self, f"no such file on {where}: {path}")
+        self.filename = path
 
 
 @dataclass(frozen=True)
@@ -24,6 +39,19 @@ class CommandResult:
         return self.returncode == 0
 
 
+@dataclass
+class ForwardStatus:
+    """Live counters of a forward, for messages ("not reachable yet") and tests."""
+
+    #: Clients accepted on the local port.
+    accepted: int = 0
+    #: Clients whose far-side connection could not be opened (e.g. nothing listens there yet).
+    open_failures: int = 0
+    #: The last problem seen (a failed open, a dropped connection), as one line; None when none.
+    last_error: str | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+
 @dataclass(frozen=True)
 class Forward:
     """A local listening port that forwards to ``remote_host:remote_port`` as seen from the far end."""
@@ -31,6 +59,7 @@ class Forward:
     local_port: int
     remote_host: str
     remote_port: int
+    status: ForwardStatus = field(default_factory=ForwardStatus, compare=False, repr=False)
 
 
 class Transport(abc.ABC):
@@ -38,6 +67,22 @@ class Transport(abc.ABC):
 
     #: True when commands run on another machine (the local end of a tunnel is then this machine).
     is_remote: bool = False
+
+    def __init__(self) -> None:
+        #: How many commands ran, keyed by ``argv[0]`` (tests assert "one squeue call").
+        self.command_counts: collections.Counter[str] = collections.Counter()
+        #: SSH handshakes done (each hop of a ProxyJump counts); always 0 for the local transport.
+        self.connections_opened: int = 0
+        self._count_lock = threading.Lock()
+
+    @property
+    def commands_run(self) -> int:
+        """Total number of commands run through this transport."""
+        return sum(self.command_counts.values())
+
+    def _count_command(self, argv: Sequence[str]) -> None:
+        with self._count_lock:
+            self.command_counts[argv[0]] += 1
 
     @property
     @abc.abstractmethod
@@ -56,12 +101,17 @@ class Transport(abc.ABC):
     ) -> CommandResult:
         """Run ``argv`` (never through a shell on our side) and wait for it.
 
-        With ``check`` a non-zero exit raises :class:`~hpclaunch.errors.CommandError`.
+        ``env`` adds variables to the command's environment. With ``check`` a non-zero exit raises
+        :class:`~hpclaunch.errors.CommandError`; running past ``timeout`` seconds kills the command and
+        raises :class:`~hpclaunch.errors.CommandTimeout`. A missing executable is exit code 127.
         """
 
     @abc.abstractmethod
     def read_bytes(self, path: str, *, offset: int = 0, limit: int | None = None) -> bytes:
-        """Read a file, or the part of it from ``offset`` (for following a growing log)."""
+        """Read a file, or at most ``limit`` bytes of it from ``offset`` (for following a growing log).
+
+        A missing file raises :class:`PathNotFound` (also a ``FileNotFoundError``).
+        """
 
     def read_text(self, path: str) -> str:
         return self.read_bytes(path).decode("utf-8", errors="replace")
@@ -115,6 +165,12 @@ class Transport(abc.ABC):
         if path.startswith("~/"):
             return self.home().rstrip("/") + path[1:]
         return path
+
+    def connect(self) -> None:  # noqa: B027 - optional hook
+        """Open the connection now instead of on first use (to fail early); a no-op locally."""
+
+    def reconnect(self) -> None:  # noqa: B027 - optional hook
+        """Drop the connection and open a new one (after it broke); a no-op locally."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release the connection, if any."""

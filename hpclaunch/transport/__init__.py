@@ -1,0 +1,74 @@
+"""Ways to reach the cluster: this machine (a login node) or one SSH connection to a login node.
+
+``connect(None)`` runs everything locally; ``connect("hpcdev")`` goes through ``~/.ssh/config``'s
+``Host hpcdev``. The SSH transport imports paramiko only when it is used, so ``hpclaunch --help``
+stays fast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from hpclaunch.transport.base import CommandResult, Forward, ForwardStatus, PathNotFound, Transport
+from hpclaunch.transport.local import LocalTransport
+
+if TYPE_CHECKING:
+    from hpclaunch.transport.ssh import Prompter, SSHTransport
+
+__all__ = [
+    "CommandResult",
+    "Forward",
+    "ForwardStatus",
+    "LocalTransport",
+    "PathNotFound",
+    "SSHTransport",
+    "Transport",
+    "connect",
+]
+
+
+def connect(
+    host: str | None,
+    *,
+    user: str | None = None,
+    port: int | None = None,
+    identity_file: str | Sequence[str] | None = None,
+    ssh_config_path: str | None = None,
+    accept_new_host_key: bool = False,
+    known_hosts_file: str | None = None,
+    connect_timeout: float | None = None,
+    keepalive: int | None = None,
+    prompter: Prompter | None = None,
+) -> Transport:
+    """A transport for ``host``: local when it is None or empty, else SSH (opened on first use).
+
+    ``accept_new_host_key`` (or ``HPCLAUNCH_ACCEPT_NEW_HOST_KEY=1``, or ``StrictHostKeyChecking
+    accept-new`` in the ssh config) records the key of a host seen for the first time; a changed key
+    is always refused. ``prompter`` answers keyboard-interactive prompts (default: the terminal).
+    """
+    if not host:
+        return LocalTransport()
+    from hpclaunch.transport.ssh import SSHTransport
+
+    return SSHTransport(
+        host,
+        user=user,
+        port=port,
+        identity_file=identity_file,
+        ssh_config_path=ssh_config_path,
+        accept_new_host_key=accept_new_host_key,
+        known_hosts_file=known_hosts_file,
+        connect_timeout=connect_timeout,
+        keepalive=keepalive,
+        prompter=prompter,
+    )
+
+
+def __getattr__(name: str) -> object:
+    # ``from hpclaunch.transport import SSHTransport`` without importing paramiko up front.
+    if name == "SSHTransport":
+        from hpclaunch.transport.ssh import SSHTransport
+
+        return SSHTransport
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
