@@ -15,11 +15,11 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
-import fnmatch
 import hashlib
 import hmac
 import logging
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -72,8 +72,9 @@ def _pattern_matches(pattern: str, name: str) -> bool:
         except (binascii.Error, ValueError):
             return False
         return hmac.compare_digest(hash_name(name, salt), pattern)
-    # OpenSSH patterns: '*' and '?' wildcards, compared case-insensitively.
-    return fnmatch.fnmatchcase(name.lower(), pattern.lower())
+    # OpenSSH patterns know only '*' and '?' ('[' is literal, as in "[host]:port"), case-insensitive.
+    regex = "".join(".*" if c == "*" else "." if c == "?" else re.escape(c) for c in pattern)
+    return re.fullmatch(regex, name, flags=re.IGNORECASE | re.DOTALL) is not None
 
 
 def _patterns_match(patterns: Sequence[str], name: str) -> bool:
