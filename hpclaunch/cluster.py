@@ -5,6 +5,7 @@ The CLI commands are thin layers over :class:`Cluster` and :class:`Job`.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import time
@@ -181,12 +182,30 @@ class Cluster:
             return self._submit_script(Path(template_or_script), params)
         script, run_dir, job = self._prepare(template_or_script, command, variables, None, params)
         self.transport.makedirs(run_dir, mode=0o700)
-        for local, name in (files or {}).items():
-            self.transport.put(local, f"{run_dir}/{name}")
-        self.transport.write_text(f"{run_dir}/job.sbatch", script, mode=0o600)
-        job_id = self.scheduler.submit(script, workdir=run_dir)
+        with self._removed_on_error(run_dir):
+            for local, name in (files or {}).items():
+                self.transport.put(local, f"{run_dir}/{name}")
+            self.transport.write_text(f"{run_dir}/job.sbatch", script, mode=0o600)
+            job_id = self.scheduler.submit(script, workdir=run_dir)
         output = None if job.get("output") else f"{run_dir}/slurm-{job_id}.out"
         return Job(self, job_id, run_dir=run_dir, name=job["job_name"], output=output)
+
+    @contextlib.contextmanager
+    def _removed_on_error(self, run_dir: str) -> Iterator[None]:
+        """A rejected submission leaves no run directory behind."""
+        try:
+            yield
+        except BaseException:
+            with contextlib.suppress(HpclaunchError):
+                self.remove_run_dir(run_dir)
+            raise
+
+    def remove_run_dir(self, run_dir: str) -> None:
+        """Delete a run directory made by hpclaunch (refuses anything outside the work directory)."""
+        base = self.transport.expand(self.profile.workdir).rstrip("/") + "/"
+        if not run_dir.startswith(base) or "/../" in run_dir:
+            raise ParameterError(f"refusing to delete {run_dir}: not a run directory under {base}")
+        self.transport.run(["rm", "-rf", "--", run_dir], timeout=60)
 
     def submit_prepared(
         self,
@@ -202,8 +221,9 @@ class Cluster:
         Used by the notebook and training commands, which stage files there first.
         """
         script, run_dir, job = self._prepare(template, command, None, run_dir, params, context)
-        self.transport.write_text(f"{run_dir}/job.sbatch", script, mode=0o600)
-        job_id = self.scheduler.submit(script, workdir=run_dir)
+        with self._removed_on_error(run_dir):
+            self.transport.write_text(f"{run_dir}/job.sbatch", script, mode=0o600)
+            job_id = self.scheduler.submit(script, workdir=run_dir)
         output = None if job.get("output") else f"{run_dir}/slurm-{job_id}.out"
         return Job(self, job_id, run_dir=run_dir, name=job["job_name"], output=output)
 
