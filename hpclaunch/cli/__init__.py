@@ -29,6 +29,8 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "attach": ("jupyter:attach", "Reopen the tunnel to a running notebook."),
     "sessions": ("jupyter:sessions", "List your running notebooks."),
     "stop": ("jupyter:stop", "End running notebooks."),
+    "train": ("train", "Run a bundled training job or your own script on the allocated GPUs."),
+    "fetch": ("train:fetch", "Copy a training run's metrics, plot and checkpoint back."),
 }
 
 
@@ -68,7 +70,9 @@ Examples:
 Shell completion (bash): eval "$(_HPCLAUNCH_COMPLETE=bash_source hpclaunch)"
 """,
 )
-@click.option("-p", "--profile", envvar="HPCLAUNCH_PROFILE", show_envvar=True, help="Profile from the config file.")
+@click.option(
+    "-p", "--profile", envvar="HPCLAUNCH_PROFILE", show_envvar=True, help="Profile from the config file."
+)
 @click.option(
     "--config",
     "config_path",
@@ -77,7 +81,12 @@ Shell completion (bash): eval "$(_HPCLAUNCH_COMPLETE=bash_source hpclaunch)"
     type=click.Path(dir_okay=False),
     help="Config file (default: config.toml in the hpclaunch app directory).",
 )
-@click.option("--host", envvar="HPCLAUNCH_HOST", show_envvar=True, help="SSH host of the login node (an alias from ~/.ssh/config works).")
+@click.option(
+    "--host",
+    envvar="HPCLAUNCH_HOST",
+    show_envvar=True,
+    help="SSH host of the login node (an alias from ~/.ssh/config works).",
+)
 @click.option("--user", envvar="HPCLAUNCH_USER", show_envvar=True, help="SSH user name.")
 @click.option("--port", envvar="HPCLAUNCH_PORT", show_envvar=True, type=int, help="SSH port.")
 @click.option(

@@ -1,0 +1,144 @@
+"""Staging and submitting training runs: a bundled job from ``jobs/`` or the user's own script."""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .errors import HpclaunchError, ParameterError, TemplateError
+from .render import data_dir
+
+if TYPE_CHECKING:
+    from .cluster import Cluster, Job
+
+#: Files a finished run leaves in its run directory, brought back by ``fetch``.
+RESULT_FILES = ("metrics.csv", "plot.png", "model.pt", "checkpoint.pt")
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    python: str = "python3"
+    signal_lead: int = 90
+    max_requeues: int = 3
+
+
+def bundled_jobs() -> dict[str, Path]:
+    """Bundled job name -> script path (every ``jobs/*.py`` not starting with ``_``)."""
+    directory = data_dir("jobs")
+    return {p.stem: p for p in sorted(directory.glob("*.py")) if not p.name.startswith("_")}
+
+
+def resolve_script(name_or_path: str) -> tuple[Path, list[Path]]:
+    """The script to run and every file to stage beside it (a bundled job brings its shared modules)."""
+    jobs = bundled_jobs()
+    if name_or_path in jobs:
+        script = jobs[name_or_path]
+        helpers = [p for p in script.parent.glob("_*.py") if p.name != "__init__.py"]
+        return script, [script, *helpers]
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".py" or "/" in name_or_path:
+        if not path.is_file():
+            raise TemplateError(f"training script {path} does not exist", hint="give a path to a .py file")
+        return path, [path]
+    raise TemplateError(
+        f"unknown training job {name_or_path!r}",
+        hint="bundled: " + ", ".join(jobs) + "; or give a path to your own .py script",
+    )
+
+
+def gpus_per_node(cluster: Cluster, partition: str | None) -> int | None:
+    """The most GPUs any node of the partition has, from ``sinfo``; None when it cannot be told."""
+    if cluster.profile.scheduler != "slurm":
+        return None
+    argv = ["sinfo", "-h", "-o", "%G"]
+    if partition:
+        argv += ["-p", partition]
+    result = cluster.transport.run(argv, check=False, timeout=30)
+    if not result.ok:
+        return None
+    best = 0
+    for gres in result.stdout.split():
+        for match in re.finditer(r"gpu(?::[^:,(]+)?:(\d+)", gres):
+            best = max(best, int(match.group(1)))
+    return best
+
+
+def data_dir_arg(args: Sequence[str]) -> str | None:
+    """The value of ``--data-dir`` among the script's arguments, if given."""
+    for i, arg in enumerate(args):
+        if arg == "--data-dir" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith("--data-dir="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def submit(
+    cluster: Cluster,
+    job_or_script: str,
+    script_args: Sequence[str],
+    params: Mapping[str, Any],
+    options: TrainOptions = TrainOptions(),
+) -> Job:
+    """Check what can be checked, stage the code into a new run directory, and submit the run."""
+    script, files = resolve_script(job_or_script)
+    params = dict(params)
+    params.setdefault("job_name", f"hpclaunch-train-{script.stem}")
+    gpus = int(params.get("gpus") or cluster.profile.job.get("gpus") or 0)
+    if gpus:
+        have = gpus_per_node(cluster, params.get("partition") or cluster.profile.job.get("partition"))
+        if have is not None and gpus > have:
+            raise ParameterError(
+                f"--gpus {gpus} is more than a node has here ({have} per node)",
+                hint="use more --nodes instead",
+            )
+        params.setdefault("ntasks_per_node", gpus)  # one process per GPU
+    data = data_dir_arg(script_args)
+    if data is not None and not cluster.transport.exists(cluster.transport.expand(data)):
+        where = cluster.profile.host or "this machine"
+        raise ParameterError(
+            f"data directory {data} does not exist on {where}",
+            hint="copy the dataset there first, or run with --dataset synthetic",
+        )
+    run_dir = cluster.new_run_dir(params["job_name"])
+    transport = cluster.transport
+    transport.makedirs(run_dir, mode=0o700)
+    transport.makedirs(f"{run_dir}/code", mode=0o700)
+    for path in files:
+        transport.put(str(path), f"{run_dir}/code/{path.name}", mode=0o600)
+    context = {
+        "train": {
+            "script": posixpath.join(run_dir, "code", script.name),
+            "args": list(script_args),
+            "python": options.python,
+            "signal_lead": options.signal_lead,
+            "max_requeues": options.max_requeues,
+        }
+    }
+    try:
+        return cluster.submit_prepared("train", run_dir=run_dir, context=context, params=params)
+    except HpclaunchError:
+        raise
+
+
+def fetch(cluster: Cluster, job: Job, dest: Path, *, names: Sequence[str] = RESULT_FILES) -> list[Path]:
+    """Copy a run's results (and its log) into ``dest``; returns what was copied."""
+    run_dir = job.run_dir or job.info().work_dir
+    if not run_dir:
+        raise HpclaunchError(f"job {job.id}: its run directory is unknown (Slurm no longer lists it)")
+    transport = cluster.transport
+    dest.mkdir(parents=True, exist_ok=True)
+    wanted = list(names) + [f"slurm-{job.id}.out"]
+    copied = []
+    for name in wanted:
+        remote = f"{run_dir}/{name}"
+        if transport.exists(remote):
+            transport.get(remote, str(dest / name))
+            copied.append(dest / name)
+    if not copied:
+        raise HpclaunchError(f"job {job.id}: nothing to fetch in {run_dir}", hint="has the run written results yet?")
+    return copied
