@@ -106,6 +106,7 @@ def wait_for(
     what: str = "job",
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
+    rng: Callable[[], float] = random.random,
 ) -> dict[str, JobInfo]:
     """Poll ``states`` (one batched query per round) until every id is terminal or the deadline passes.
 
@@ -115,7 +116,7 @@ def wait_for(
     last: dict[str, JobInfo] = {}
     start = clock()
     deadline = None if timeout is None else start + timeout
-    delays = Backoff(initial=poll, maximum=max(max_poll, poll)).delays()
+    delays = Backoff(initial=poll, maximum=max(max_poll, poll)).delays(rng)
     while True:
         waiting = [job_id for job_id in ids if job_id not in last or not last[job_id].is_terminal]
         if not waiting:

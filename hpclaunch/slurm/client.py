@@ -392,6 +392,7 @@ class SlurmClient:
             on_update=on_update,
             sleep=self._sleep,
             clock=self._clock,
+            rng=self._rng,
         )
 
 
