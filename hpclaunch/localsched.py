@@ -463,15 +463,20 @@ class LocalScheduler:
         only send that signal. A job that already ended is left alone."""
         job_id = str(job_id).strip()
         job_dir = self._job_dir(job_id)
+        number = _signal_number(signal) if signal is not None else None  # refuse a bad name in any case
         try:
             meta = _Meta.load(job_dir / "meta.json")
         except FileNotFoundError:
             return
         if not self._alive(job_id, meta):
             return
-        if signal is not None:
-            # batch_only: only the script's own process, as scancel --batch signals only the batch shell
-            self._signal(meta.pid, _signal_number(signal), group=not batch_only)
+        if number is not None:
+            if not batch_only:
+                self._signal(meta.pid, number, group=True)
+                return
+            # Like scancel --batch: only the batch shell, which is the wrapper's child running the script.
+            for pid in _children_of(meta.pid) or [meta.pid]:
+                self._signal(pid, number, group=False)
             return
         (job_dir / "cancelled").touch()
         self._signal(meta.pid, signal_module.SIGTERM, group=True)
@@ -548,6 +553,28 @@ def _group_alive(pgid: int) -> bool:
         if len(fields) > 2 and fields[2] == str(pgid) and fields[0] != "Z":
             return True
     return False
+
+
+def _children_of(pid: int) -> list[int]:
+    """The direct children of ``pid``: from /proc on Linux, else from ``pgrep -P``."""
+    proc = Path("/proc")
+    if proc.is_dir():
+        children = []
+        for entry in proc.iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[-1].split()
+            except OSError:
+                continue
+            if len(fields) > 1 and fields[1] == str(pid):
+                children.append(int(entry.name))
+        return children
+    try:
+        out = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False).stdout
+    except OSError:
+        return []
+    return [int(word) for word in out.split() if word.isdigit()]
 
 
 def _proc_start(pid: int) -> str | None:
