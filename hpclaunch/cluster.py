@@ -147,7 +147,9 @@ class Cluster:
     ) -> tuple[str, str, dict[str, Any]]:
         self.renderer.source_of(template)  # fail before connecting when the name is wrong
         if template == "run" and not command:
-            raise ParameterError("the 'run' template needs a command", hint="e.g. hpclaunch submit run -- hostname")
+            raise ParameterError(
+                "the 'run' template needs a command", hint="e.g. hpclaunch submit run -- hostname"
+            )
         job = self.resolve_job(params, default_name=f"hpclaunch-{template}")
         run_dir = run_dir or self.new_run_dir(job["job_name"])
         for key in ("venv", "output", "error", "conda_env"):
@@ -229,7 +231,9 @@ class Cluster:
 
     def _submit_script(self, path: Path, params: Mapping[str, Any]) -> Job:
         if not path.is_file():
-            raise TemplateError(f"job script {path} does not exist", hint="give a template name or a script file")
+            raise TemplateError(
+                f"job script {path} does not exist", hint="give a template name or a script file"
+            )
         try:
             script = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
@@ -251,7 +255,9 @@ class Cluster:
 
     def jobs(self, name_prefix: str | None = None) -> list[Job]:
         """The user's jobs in the queue, optionally only those whose name starts with ``name_prefix``."""
-        return [Job(self, info.job_id, name=info.name, info=info) for info in self.scheduler.jobs(name_prefix)]
+        return [
+            Job(self, info.job_id, name=info.name, info=info) for info in self.scheduler.jobs(name_prefix)
+        ]
 
     def states(self, jobs: Sequence[Job | str]) -> dict[str, JobInfo]:
         """The state of many jobs in one scheduler call."""
@@ -310,7 +316,7 @@ class Job:
         self, timeout: float | None = None, on_update: Callable[[JobInfo], None] | None = None
     ) -> JobInfo:
         """Block until the job ends; raises WaitTimeout after ``timeout`` seconds."""
-        infos = self.cluster.scheduler.wait([self.id], timeout=timeout, on_update=_single(on_update))
+        infos = self.cluster.scheduler.wait([self.id], timeout=timeout, on_update=on_update)
         self._last = infos[self.id]
         return self._last
 
@@ -353,7 +359,11 @@ class Job:
             grew = False
             if path is not None:
                 while True:
-                    data = transport.read_bytes(path, offset=offset, limit=chunk) if transport.exists(path) else b""
+                    data = (
+                        transport.read_bytes(path, offset=offset, limit=chunk)
+                        if transport.exists(path)
+                        else b""
+                    )
                     if not data:
                         break
                     offset += len(data)
@@ -369,17 +379,6 @@ class Job:
 
     def __repr__(self) -> str:
         return f"Job({self.id!r}, name={self.name!r})"
-
-
-def _single(callback: Callable[[JobInfo], None] | None) -> Callable[[Mapping[str, JobInfo]], None] | None:
-    if callback is None:
-        return None
-
-    def each(infos: Mapping[str, JobInfo]) -> None:
-        for info in infos.values():
-            callback(info)
-
-    return each
 
 
 def _looks_like_path(value: str) -> bool:

@@ -164,7 +164,9 @@ def _parse(file: Path, data: Mapping[str, Any]) -> Config:
         if default not in profiles and default not in (BUILTIN_LOCAL, BUILTIN_SLURM):
             raise ConfigError(
                 f"{file}: default profile {default!r} is not defined",
-                hint="defined: " + ", ".join(sorted(profiles)) if profiles else "add a [clusters.NAME] section",
+                hint="defined: " + ", ".join(sorted(profiles))
+                if profiles
+                else "add a [clusters.NAME] section",
             )
     return Config(path=file, profiles=profiles, default=default, exists=True)
 
@@ -178,7 +180,7 @@ def _parse_profile(file: Path, name: str, body: Any) -> Profile:
     for key, value in body.items():
         if key in _CONNECTION_KEYS:
             expected = _CONNECTION_KEYS[key]
-            if isinstance(value, bool) and expected is not bool or not isinstance(value, expected):
+            if (isinstance(value, bool) and expected is not bool) or not isinstance(value, expected):
                 want = expected.__name__ if isinstance(expected, type) else "value"
                 raise ConfigError(f"{where}: {key} must be a {want}, got {value!r}")
             connection[key] = value
@@ -223,6 +225,4 @@ def _warn_if_readable_by_others(file: Path) -> None:
     except OSError:
         return
     if mode & (stat.S_IWGRP | stat.S_IWOTH):
-        warnings.warn(
-            f"{file} is writable by other users; run: chmod 600 {file}", UserWarning, stacklevel=3
-        )
+        warnings.warn(f"{file} is writable by other users; run: chmod 600 {file}", UserWarning, stacklevel=3)

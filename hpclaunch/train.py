@@ -132,7 +132,7 @@ def fetch(cluster: Cluster, job: Job, dest: Path, *, names: Sequence[str] = RESU
         raise HpclaunchError(f"job {job.id}: its run directory is unknown (Slurm no longer lists it)")
     transport = cluster.transport
     dest.mkdir(parents=True, exist_ok=True)
-    wanted = list(names) + [f"slurm-{job.id}.out"]
+    wanted = [*names, f"slurm-{job.id}.out"]
     copied = []
     for name in wanted:
         remote = f"{run_dir}/{name}"
@@ -140,5 +140,7 @@ def fetch(cluster: Cluster, job: Job, dest: Path, *, names: Sequence[str] = RESU
             transport.get(remote, str(dest / name))
             copied.append(dest / name)
     if not copied:
-        raise HpclaunchError(f"job {job.id}: nothing to fetch in {run_dir}", hint="has the run written results yet?")
+        raise HpclaunchError(
+            f"job {job.id}: nothing to fetch in {run_dir}", hint="has the run written results yet?"
+        )
     return copied

@@ -107,7 +107,7 @@ Shell completion (bash): eval "$(_HPCLAUNCH_COMPLETE=bash_source hpclaunch)"
 @click.option("--debug", is_flag=True, envvar="HPCLAUNCH_DEBUG", show_envvar=True, help="Show tracebacks.")
 @click.version_option(package_name="hpclaunch")
 @click.pass_context
-def cli(ctx: click.Context, debug: bool, **options: Any) -> None:
+def cli(ctx: click.Context, /, debug: bool, **options: Any) -> None:
     """Launch JupyterLab and GPU training jobs on a Slurm cluster, from a login node or a laptop."""
     app = AppContext(debug=debug, **options)
     ctx.obj = app

@@ -14,15 +14,39 @@ from .context import AppContext
 from .options import given, job_options
 
 _SESSION_OPTIONS = [
-    click.option("--app", type=click.Choice(["lab", "notebook", "server"]), default="lab", envvar="HPCLAUNCH_JUPYTER_APP",
-                 show_envvar=True, help="Which Jupyter front end to start."),
-    click.option("--tunnel", type=click.Choice(["direct", "node"]), default=None, envvar="HPCLAUNCH_TUNNEL", show_envvar=True,
-                 help="direct: login host forwards to node:port. node: jump into the node, Jupyter on its 127.0.0.1. "
-                 "[default: the profile's, else direct]"),
-    click.option("--local-port", type=click.IntRange(0, 65535), default=0, envvar="HPCLAUNCH_LOCAL_PORT", show_envvar=True,
-                 help="Local port of the tunnel (0 = any free port)."),
-    click.option("--server-timeout", type=click.FloatRange(min=1), default=300.0, envvar="HPCLAUNCH_SERVER_TIMEOUT",
-                 show_envvar=True, help="Seconds to wait for Jupyter once the job runs."),
+    click.option(
+        "--app",
+        type=click.Choice(["lab", "notebook", "server"]),
+        default="lab",
+        envvar="HPCLAUNCH_JUPYTER_APP",
+        show_envvar=True,
+        help="Which Jupyter front end to start.",
+    ),
+    click.option(
+        "--tunnel",
+        type=click.Choice(["direct", "node"]),
+        default=None,
+        envvar="HPCLAUNCH_TUNNEL",
+        show_envvar=True,
+        help="direct: login host forwards to node:port. node: jump into the node, Jupyter on its 127.0.0.1. "
+        "[default: the profile's, else direct]",
+    ),
+    click.option(
+        "--local-port",
+        type=click.IntRange(0, 65535),
+        default=0,
+        envvar="HPCLAUNCH_LOCAL_PORT",
+        show_envvar=True,
+        help="Local port of the tunnel (0 = any free port).",
+    ),
+    click.option(
+        "--server-timeout",
+        type=click.FloatRange(min=1),
+        default=300.0,
+        envvar="HPCLAUNCH_SERVER_TIMEOUT",
+        show_envvar=True,
+        help="Seconds to wait for Jupyter once the job runs.",
+    ),
     click.option("--open/--no-browser", "open_browser", default=False, help="Open the URL in a browser."),
 ]
 
@@ -44,26 +68,60 @@ Examples:
 )
 @job_options()
 @_session_options
-@click.option("--idle-timeout", type=click.IntRange(0), default=0, envvar="HPCLAUNCH_IDLE_TIMEOUT", show_envvar=True,
-              help="Shut the server down (freeing the allocation) after this many idle seconds; 0 = never.")
-@click.option("--queue-timeout", type=click.FloatRange(min=1), default=None, envvar="HPCLAUNCH_QUEUE_TIMEOUT",
-              show_envvar=True, help="Give up (and cancel) if the job is still pending after this many seconds.")
+@click.option(
+    "--idle-timeout",
+    type=click.IntRange(0),
+    default=0,
+    envvar="HPCLAUNCH_IDLE_TIMEOUT",
+    show_envvar=True,
+    help="Shut the server down (freeing the allocation) after this many idle seconds; 0 = never.",
+)
+@click.option(
+    "--queue-timeout",
+    type=click.FloatRange(min=1),
+    default=None,
+    envvar="HPCLAUNCH_QUEUE_TIMEOUT",
+    show_envvar=True,
+    help="Give up (and cancel) if the job is still pending after this many seconds.",
+)
 @click.option("--keep", is_flag=True, help="Leave the job running when this command ends.")
 @click.pass_obj
-def command(app_ctx: AppContext, app: str, tunnel: str | None, local_port: int, server_timeout: float,
-            open_browser: bool, idle_timeout: int, queue_timeout: float | None, keep: bool, **values: Any) -> None:
+def command(
+    app_ctx: AppContext,
+    /,
+    app: str,
+    tunnel: str | None,
+    local_port: int,
+    server_timeout: float,
+    open_browser: bool,
+    idle_timeout: int,
+    queue_timeout: float | None,
+    keep: bool,
+    **values: Any,
+) -> None:
     """Start JupyterLab on a compute node and tunnel to it; Ctrl-C ends it."""
-    from ..jupyter import records, session as jsession
+    from ..jupyter import records
+    from ..jupyter import session as jsession
 
     cluster = app_ctx.cluster()
     options = jsession.JupyterOptions(
-        app=app, idle_timeout=idle_timeout, server_timeout=server_timeout, queue_timeout=queue_timeout,
-        local_port=local_port, tunnel=tunnel,
+        app=app,
+        idle_timeout=idle_timeout,
+        server_timeout=server_timeout,
+        queue_timeout=queue_timeout,
+        local_port=local_port,
+        tunnel=tunnel,
     )
     with StatusLine() as line:
         sess = jsession.start(cluster, options, given(values), status=line.update)
-    records.add(job_id=sess.job.id, profile=cluster.profile.name, host=cluster.profile.host,
-                run_dir=sess.job.run_dir, node=sess.location.host, port=sess.location.port)
+    records.add(
+        job_id=sess.job.id,
+        profile=cluster.profile.name,
+        host=cluster.profile.host,
+        run_dir=sess.job.run_dir,
+        node=sess.location.host,
+        port=sess.location.port,
+    )
     _serve(sess, keep=keep, open_browser=open_browser)
 
 
@@ -71,13 +129,22 @@ def command(app_ctx: AppContext, app: str, tunnel: str | None, local_port: int, 
 @click.argument("job_id")
 @_session_options
 @click.pass_obj
-def attach(app_ctx: AppContext, job_id: str, app: str, tunnel: str | None, local_port: int, server_timeout: float,
-           open_browser: bool) -> None:
+def attach(
+    app_ctx: AppContext,
+    job_id: str,
+    app: str,
+    tunnel: str | None,
+    local_port: int,
+    server_timeout: float,
+    open_browser: bool,
+) -> None:
     """Open the tunnel to the running notebook JOB_ID again (Ctrl-C detaches, the job keeps running)."""
     from ..jupyter import session as jsession
 
     cluster = app_ctx.cluster()
-    options = jsession.JupyterOptions(app=app, server_timeout=server_timeout, local_port=local_port, tunnel=tunnel)
+    options = jsession.JupyterOptions(
+        app=app, server_timeout=server_timeout, local_port=local_port, tunnel=tunnel
+    )
     with StatusLine() as line:
         sess = jsession.attach(cluster, job_id, options, status=line.update)
     _serve(sess, keep=True, open_browser=open_browser)
@@ -100,13 +167,15 @@ def sessions(app_ctx: AppContext, as_json: bool) -> None:
     for job in jobs:
         info = job._last
         record = known.get(job.id, {})
-        rows.append({
-            "job_id": job.id,
-            "state": info.state.value if info else "?",
-            "node": (info.node_list if info else None) or record.get("node"),
-            "started_here": bool(record),
-            "run_dir": record.get("run_dir") or (info.work_dir if info else None),
-        })
+        rows.append(
+            {
+                "job_id": job.id,
+                "state": info.state.value if info else "?",
+                "node": (info.node_list if info else None) or record.get("node"),
+                "started_here": bool(record),
+                "run_dir": record.get("run_dir") or (info.work_dir if info else None),
+            }
+        )
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -114,7 +183,10 @@ def sessions(app_ctx: AppContext, as_json: bool) -> None:
         say("no running notebooks; start one with: hpclaunch jupyter")
         return
     for row in rows:
-        click.echo(f"{row['job_id']:>10}  {row['state']:<10} {row['node'] or '-':<12} {'(started here)' if row['started_here'] else ''}")
+        click.echo(
+            f"{row['job_id']:>10}  {row['state']:<10} {row['node'] or '-':<12} "
+            + ("(started here)" if row["started_here"] else "")
+        )
 
 
 @click.command("stop", epilog="Example:\n\n  hpclaunch stop 1234")

@@ -27,7 +27,8 @@ def job_options(params: Iterable[Param] = JOB_PARAMS) -> Callable[[F], F]:
                 envvar=param.envvar,
                 show_envvar=True,
                 show_default=False,
-                help=param.help + (f" [default: {param.default}]" if param.default not in (None, (), 0) else ""),
+                help=param.help
+                + (f" [default: {param.default}]" if param.default not in (None, (), 0) else ""),
             )(func)
         return func
 

@@ -23,10 +23,19 @@ Examples:
 @click.argument("command", nargs=-1)
 @job_options()
 @set_option
-@click.option("--run-dir", metavar="DIR", help="Run directory to render with (default: a new one under the workdir).")
+@click.option(
+    "--run-dir", metavar="DIR", help="Run directory to render with (default: a new one under the workdir)."
+)
 @click.pass_obj
-def command(app: AppContext, template: str, command: tuple[str, ...], variables: tuple[str, ...],
-            run_dir: str | None, **values: Any) -> None:
+def command(
+    app: AppContext,
+    /,
+    template: str,
+    command: tuple[str, ...],
+    variables: tuple[str, ...],
+    run_dir: str | None,
+    **values: Any,
+) -> None:
     """Print the job script TEMPLATE renders to; nothing is submitted.
 
     Arguments after TEMPLATE (put them after `--`) are the command the `run` template runs.

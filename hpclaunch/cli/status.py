@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from ..params import format_time
 from .context import AppContext
 
 
@@ -38,7 +39,8 @@ def command(app: AppContext, job_ids: tuple[str, ...], as_json: bool) -> None:
     rows = [("JOBID", "STATE", "NAME", "NODES/REASON", "ELAPSED")]
     for info in infos:
         where = info.node_list or (info.reason or "")
-        rows.append((info.job_id, info.state.value, info.name or "", where, info.elapsed or ""))
+        elapsed = format_time(info.elapsed) if info.elapsed is not None else ""
+        rows.append((info.job_id, info.state.value, info.name or "", where, elapsed))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())

@@ -29,14 +29,24 @@ Examples:
 @click.option("--follow", "-f", is_flag=True, help="Stream the job's output until it ends.")
 @click.option("--wait", is_flag=True, help="Wait until the job ends; exit non-zero if it failed.")
 @click.pass_obj
-def command(app: AppContext, template_or_script: str, command: tuple[str, ...], variables: tuple[str, ...],
-            follow: bool, wait: bool, **values: Any) -> None:
+def command(
+    app: AppContext,
+    /,
+    template_or_script: str,
+    command: tuple[str, ...],
+    variables: tuple[str, ...],
+    follow: bool,
+    wait: bool,
+    **values: Any,
+) -> None:
     """Submit TEMPLATE_OR_SCRIPT: a template name (see `hpclaunch templates`) or a script file.
 
     Prints the job id on stdout.
     """
     cluster = app.cluster()
-    job = cluster.submit(template_or_script, command=command, variables=parse_sets(variables), **given(values))
+    job = cluster.submit(
+        template_or_script, command=command, variables=parse_sets(variables), **given(values)
+    )
     click.echo(job.id)
     where = f" (run directory {job.run_dir})" if job.run_dir else ""
     say(f"submitted job {job.id}{where}")

@@ -26,16 +26,42 @@ Arguments after `--` go to the training script.
 @click.argument("job")
 @click.argument("script_args", nargs=-1, type=click.UNPROCESSED)
 @job_options()
-@click.option("--python", default="python3", envvar="HPCLAUNCH_PYTHON", show_envvar=True,
-              help="Python interpreter on the nodes (after the profile's setup lines).")
-@click.option("--max-requeues", type=click.IntRange(0), default=3, envvar="HPCLAUNCH_MAX_REQUEUES",
-              show_envvar=True, help="How often a run may checkpoint and requeue itself at the time limit.")
-@click.option("--signal-lead", type=click.IntRange(10), default=90, envvar="HPCLAUNCH_SIGNAL_LEAD",
-              show_envvar=True, help="Seconds before the time limit at which Slurm warns the job.")
+@click.option(
+    "--python",
+    default="python3",
+    envvar="HPCLAUNCH_PYTHON",
+    show_envvar=True,
+    help="Python interpreter on the nodes (after the profile's setup lines).",
+)
+@click.option(
+    "--max-requeues",
+    type=click.IntRange(0),
+    default=3,
+    envvar="HPCLAUNCH_MAX_REQUEUES",
+    show_envvar=True,
+    help="How often a run may checkpoint and requeue itself at the time limit.",
+)
+@click.option(
+    "--signal-lead",
+    type=click.IntRange(10),
+    default=90,
+    envvar="HPCLAUNCH_SIGNAL_LEAD",
+    show_envvar=True,
+    help="Seconds before the time limit at which Slurm warns the job.",
+)
 @click.option("--follow", "-f", is_flag=True, help="Stream the log until the run ends.")
 @click.pass_obj
-def command(app: AppContext, job: str, script_args: tuple[str, ...], python: str, max_requeues: int,
-            signal_lead: int, follow: bool, **values: Any) -> None:
+def command(
+    app: AppContext,
+    /,
+    job: str,
+    script_args: tuple[str, ...],
+    python: str,
+    max_requeues: int,
+    signal_lead: int,
+    follow: bool,
+    **values: Any,
+) -> None:
     """Train JOB (a bundled job: mnist_lenet5, cifar10_resnet; or a path to your .py) on the allocated GPUs.
 
     The code is staged into a new run directory on the cluster; results (metrics.csv, plot.png,

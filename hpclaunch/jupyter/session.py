@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from ..transport.base import Forward
 
 JOB_PREFIX = "hpclaunch-jupyter"
-TOKEN_FILE = "jupyter.token"
+TOKEN_FILE = "jupyter.token"  # noqa: S105 - a file name, not a secret
 LOG_TAIL_LINES = 15
 
 Status = Callable[[str], None]
@@ -60,7 +60,9 @@ class Session:
     @property
     def url(self) -> str:
         """The browser URL, token included: show it only to the user."""
-        return f"http://127.0.0.1:{self.local_port}{self.location.base_url.rstrip('/')}/lab?token={self.token}"
+        return (
+            f"http://127.0.0.1:{self.local_port}{self.location.base_url.rstrip('/')}/lab?token={self.token}"
+        )
 
     @property
     def api_url(self) -> str:
@@ -137,7 +139,8 @@ def attach(
         token = cluster.transport.read_text(f"{info.work_dir}/{TOKEN_FILE}").strip()
     except TransportError:
         raise JupyterError(
-            f"job {job_id} has no token file in {info.work_dir}", hint="only notebooks from hpclaunch jupyter can be attached"
+            f"job {job_id} has no token file in {info.work_dir}",
+            hint="only notebooks from hpclaunch jupyter can be attached",
         ) from None
     location = wait_for_server(job, options, status=status)
     return connect(cluster, job, location, token, options, status=status)
@@ -163,20 +166,20 @@ def wait_for_server(job: Job, options: JupyterOptions, *, status: Status) -> Ser
                 return location
             if now - running_since > options.server_timeout:
                 raise JupyterError(
-                    f"job {job.id} is running but Jupyter did not start within {options.server_timeout:.0f} s",
+                    f"job {job.id} is running but Jupyter did not start "
+                    f"within {options.server_timeout:.0f} s",
                     hint=f"the job is cancelled; its log is {output}",
                     details=_tail(text),
                 )
             status(f"job {job.id} running on {info.node_list or '?'}, waiting for Jupyter")
         elif info.is_terminal:
             text = _read(transport, output or _safe_output(job))
-            raise JupyterError(
-                f"job {info.describe()} ended before Jupyter started", details=_tail(text)
-            )
+            raise JupyterError(f"job {info.describe()} ended before Jupyter started", details=_tail(text))
         elif info.phase is Phase.PENDING:
             if options.queue_timeout is not None and now - start > options.queue_timeout:
                 raise WaitTimeout(
-                    f"job {job.id} still pending after {options.queue_timeout:.0f} s ({info.reason or 'no reason given'})",
+                    f"job {job.id} still pending after {options.queue_timeout:.0f} s "
+                    f"({info.reason or 'no reason given'})",
                     hint="the job is cancelled; try a smaller request or a later time",
                 )
             status(_pending_line(info))
@@ -201,7 +204,9 @@ def connect(
         forward: Forward = stack.enter_context(
             cluster.transport.forward(location.host, location.port, local_port=options.local_port)
         )
-        status(f"tunnel 127.0.0.1:{forward.local_port} -> {location.host}:{location.port}; checking the server")
+        status(
+            f"tunnel 127.0.0.1:{forward.local_port} -> {location.host}:{location.port}; checking the server"
+        )
         session = Session(
             cluster=cluster,
             job=job,
@@ -279,4 +284,6 @@ def _safe_output(job: Job) -> str | None:
 
 def _tail(text: str, lines: int = LOG_TAIL_LINES) -> str:
     tail = [line for line in text.splitlines() if line.strip()][-lines:]
-    return "last lines of the job's log:\n" + ("\n".join("  " + line for line in tail) if tail else "  (empty)")
+    return "last lines of the job's log:\n" + (
+        "\n".join("  " + line for line in tail) if tail else "  (empty)"
+    )

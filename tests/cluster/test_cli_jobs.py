@@ -17,7 +17,9 @@ pytestmark = pytest.mark.cluster
 
 
 def test_submit_completes_and_output_is_read_back(cli_env: dict[str, str]) -> None:
-    result = run_hpclaunch(cli_env, "submit", "run", "--follow", "--", "bash", "-c", "echo hello from $(whoami)")
+    result = run_hpclaunch(
+        cli_env, "submit", "run", "--follow", "--", "bash", "-c", "echo hello from $(whoami)"
+    )
     assert result.returncode == 0, result.stderr
     assert "hello from hpcuser" in result.stdout
     job_id = result.stdout.splitlines()[0]
@@ -54,7 +56,9 @@ def test_cancel_ends_a_running_job(cli_env: dict[str, str], cluster: Cluster) ->
 def test_logs_follow_streams_lines_as_written(cli_env: dict[str, str], cluster: Cluster) -> None:
     script = "for i in 1 2 3 4; do echo line-$i; sleep 1; done"
     job = cluster.submit("run", command=["bash", "-c", script])
-    proc = subprocess.Popen(hpclaunch_argv("logs", "-f", job.id), env=cli_env, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        hpclaunch_argv("logs", "-f", job.id), env=cli_env, stdout=subprocess.PIPE, text=True
+    )
     assert proc.stdout is not None
     seen: list[tuple[str, float]] = []
     for line in proc.stdout:
@@ -97,7 +101,7 @@ def test_wrong_key_is_one_line(cli_env: dict[str, str], tmp_path: Path, dev_clus
         f'identity_file = "{key}"\nssh_config = "{tmp_path / "empty_ssh_config"}"\n'
     )
     (tmp_path / "empty_ssh_config").write_text(
-        f"Host *\n  UserKnownHostsFile {getattr(dev_cluster, 'known_hosts')}\n  IdentitiesOnly yes\n"
+        f"Host *\n  UserKnownHostsFile {dev_cluster.known_hosts}\n  IdentitiesOnly yes\n"
     )
     env = {**cli_env, "HPCLAUNCH_CONFIG": str(config), "SSH_AUTH_SOCK": ""}
     result = run_hpclaunch(env, "-p", "dev", "submit", "run", "--", "true")

@@ -12,10 +12,17 @@ import pytest
 HEAVY = ("paramiko", "jinja2", "torch", "submitit")
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", "hpclaunch", *args], capture_output=True, text=True, env=full_env, cwd=cwd, timeout=60
+        [sys.executable, "-m", "hpclaunch", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        cwd=cwd,
+        timeout=60,
     )
 
 
@@ -42,7 +49,9 @@ def test_subcommand_help_names_env_vars(command: str) -> None:
 @pytest.fixture
 def local_config(tmp_path: Path) -> dict[str, str]:
     config = tmp_path / "config.toml"
-    config.write_text('default = "here"\n[clusters.here]\nscheduler = "local"\nworkdir = "%s"\n' % (tmp_path / "runs"))
+    config.write_text(
+        'default = "here"\n[clusters.here]\nscheduler = "local"\nworkdir = "%s"\n' % (tmp_path / "runs")
+    )
     config.chmod(0o600)
     return {"HPCLAUNCH_CONFIG": str(config), "XDG_STATE_HOME": str(tmp_path / "state"), "HOME": str(tmp_path)}
 
@@ -62,7 +71,9 @@ def local_config(tmp_path: Path) -> dict[str, str]:
         (["render", "run", "--bogus"], "No such option"),
     ],
 )
-def test_bad_input_is_one_line(args: list[str], needle: str, local_config: dict[str, str], tmp_path: Path) -> None:
+def test_bad_input_is_one_line(
+    args: list[str], needle: str, local_config: dict[str, str], tmp_path: Path
+) -> None:
     result = run_cli(*args, env=local_config, cwd=tmp_path)
     assert result.returncode != 0
     lines = result.stderr.strip().splitlines()
@@ -98,6 +109,8 @@ def test_config_show_resolves_flag_over_env_over_profile(tmp_path: Path) -> None
 
 
 def test_render_prints_script(local_config: dict[str, str]) -> None:
-    result = run_cli("render", "run", "--gpus", "2", "--run-dir", "/tmp/x", "--", "echo", "hi there", env=local_config)
+    result = run_cli(
+        "render", "run", "--gpus", "2", "--run-dir", "/tmp/x", "--", "echo", "hi there", env=local_config
+    )
     assert result.returncode == 0, result.stderr
     assert "#SBATCH --gres=gpu:2" in result.stdout and "echo 'hi there'" in result.stdout

@@ -33,7 +33,9 @@ def test_bad_times_are_refused(raw: str) -> None:
         validate_params({"time": raw})
 
 
-@pytest.mark.parametrize(("raw", "expected"), [("16G", "16G"), ("16g", "16G"), ("4000", "4000M"), ("2TB", "2T")])
+@pytest.mark.parametrize(
+    ("raw", "expected"), [("16G", "16G"), ("16g", "16G"), ("4000", "4000M"), ("2TB", "2T")]
+)
 def test_memory_normalises(raw: str, expected: str) -> None:
     assert validate_params({"mem": raw})["mem"] == expected
 
@@ -44,7 +46,9 @@ def test_bad_memory_is_refused(raw: str) -> None:
         validate_params({"mem": raw})
 
 
-@pytest.mark.parametrize(("key", "raw"), [("gpus", -1), ("gpus", "-1"), ("nodes", 0), ("cpus_per_task", "x"), ("gpus", True)])
+@pytest.mark.parametrize(
+    ("key", "raw"), [("gpus", -1), ("gpus", "-1"), ("nodes", 0), ("cpus_per_task", "x"), ("gpus", True)]
+)
 def test_bad_counts_are_refused(key: str, raw: object) -> None:
     with pytest.raises(ParameterError, match=key):
         validate_params({key: raw})
@@ -57,7 +61,10 @@ def test_unknown_parameter_lists_valid_ones() -> None:
     assert info.value.hint is not None and "gpus" in info.value.hint and "partition" in info.value.hint
 
 
-@pytest.mark.parametrize("param", [p.name for p in JOB_PARAMS if p.name not in ("nodes", "ntasks_per_node", "cpus_per_task", "gpus")])
+@pytest.mark.parametrize(
+    "param",
+    [p.name for p in JOB_PARAMS if p.name not in ("nodes", "ntasks_per_node", "cpus_per_task", "gpus")],
+)
 @pytest.mark.parametrize("bad", ["a\nb", "a\rb", "a\x00b"])
 def test_control_characters_refused_everywhere(param: str, bad: str) -> None:
     value: object = [bad] if next(p for p in JOB_PARAMS if p.name == param).multiple else bad
