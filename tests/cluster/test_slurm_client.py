@@ -52,6 +52,7 @@ def client(transport: Transport) -> Iterator[SlurmClient]:
         return job_id
 
     slurm.submit = tracking_submit  # type: ignore[method-assign]
+    slurm.submitted = submitted  # type: ignore[attr-defined]
     yield slurm
     for job_id in submitted:  # nothing a test started outlives it
         slurm.cancel(job_id)
@@ -162,3 +163,19 @@ def test_scontrol_answers_when_squeue_does_not_and_sacct_is_disabled(
 def test_unknown_id_is_unknown_not_failed(client: SlurmClient) -> None:
     info = client.info("999998")
     assert info.state is JobState.UNKNOWN and not info.is_terminal
+
+
+def test_submit_file_and_requeue(client: SlurmClient, transport: Transport, workdir: str) -> None:
+    path = f"{workdir}/job.sh"
+    transport.write_text(path, HEADER + "#SBATCH -J hl-requeue\nsleep 300\n", mode=0o700)
+    job_id = client.submit_file(path, ["--chdir", workdir, "--requeue"])
+    client.submitted.append(job_id)  # type: ignore[attr-defined]
+    deadline = time.monotonic() + 30
+    while (info := client.info(job_id)).state is not JobState.RUNNING and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert info.state is JobState.RUNNING, info
+    client.requeue(job_id)
+    deadline = time.monotonic() + 30
+    while (info := client.info(job_id)).restart_count < 1 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert info.restart_count == 1 and not info.is_terminal, info
