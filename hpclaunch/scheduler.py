@@ -62,7 +62,7 @@ class Scheduler(Protocol):
         job_ids: Iterable[str],
         *,
         timeout: float | None = None,
-        poll: float = 0.2,
+        poll: float = 0.1,
         max_poll: float = 15.0,
         on_update: UpdateCallback | None = None,
     ) -> dict[str, JobInfo]:
@@ -116,7 +116,7 @@ def wait_for(
     last: dict[str, JobInfo] = {}
     start = clock()
     deadline = None if timeout is None else start + timeout
-    delays = Backoff(initial=poll, maximum=max(max_poll, poll)).delays(rng)
+    delays = Backoff(initial=poll, maximum=max(max_poll, poll), factor=1.5).delays(rng)
     while True:
         waiting = [job_id for job_id in ids if job_id not in last or not last[job_id].is_terminal]
         if not waiting:

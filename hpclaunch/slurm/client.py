@@ -358,7 +358,7 @@ class SlurmClient:
         job_ids: Iterable[str],
         *,
         timeout: float | None = None,
-        poll: float = 0.2,
+        poll: float = 0.1,
         max_poll: float = 15.0,
         on_update: UpdateCallback | None = None,
         unknown_grace: float = 120.0,
