@@ -794,7 +794,12 @@ class SSHTransport(Transport):
             )
         result = CommandResult(tuple(args), code, decode(b"".join(out)), decode(b"".join(err)))
         if check and not result.ok:
-            raise CommandError(args, code, result.stdout, result.stderr)
+            hint = None
+            if code == 127:
+                hint = (
+                    f"is `{args[0]}` installed on {self.description} and on PATH for non-interactive logins?"
+                )
+            raise CommandError(args, code, result.stdout, result.stderr, hint=hint)
         return result
 
     @staticmethod
@@ -1007,7 +1012,19 @@ class SSHTransport(Transport):
         target = self.expand(remote_path)
         tmp = f"{local_path}.tmp-{secrets.token_hex(4)}"
         try:
-            self._files("read", remote_path, lambda sftp: sftp.get(target, tmp))
+            # Our own local file (0600 until complete), so local errors are not blamed on the far side.
+            fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        except OSError as exc:
+            raise TransportError(f"cannot write {local_path} on this machine: {_reason(exc)}") from None
+        try:
+            with os.fdopen(fd, "wb") as fh:
+
+                def op(sftp: paramiko.SFTPClient) -> None:
+                    fh.seek(0)
+                    fh.truncate()
+                    sftp.getfo(target, fh)
+
+                self._files("read", remote_path, op)
             os.replace(tmp, local_path)
         finally:
             with contextlib.suppress(OSError):
