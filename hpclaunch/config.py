@@ -60,6 +60,8 @@ class Profile:
     workdir: str = "~/hpclaunch"
     template_dir: str | None = None
     tunnel: str = "direct"
+    #: Port of the compute nodes' sshd, for tunnel mode ``node`` (None: the ssh config's, else 22).
+    node_ssh_port: int | None = None
     job: Mapping[str, Any] = field(default_factory=dict)
     source: str = "built-in"
 
@@ -88,6 +90,7 @@ _CONNECTION_KEYS: dict[str, type | tuple[type, ...]] = {
     "workdir": str,
     "template_dir": str,
     "tunnel": str,
+    "node_ssh_port": int,
 }
 PROFILE_KEYS: tuple[str, ...] = tuple(_CONNECTION_KEYS) + tuple(PARAMS_BY_NAME)
 

@@ -22,7 +22,7 @@ from .token import new_token
 
 if TYPE_CHECKING:
     from ..cluster import Cluster, Job
-    from ..transport.base import Forward
+    from ..transport.base import Forward, Transport
 
 JOB_PREFIX = "hpclaunch-jupyter"
 TOKEN_FILE = "jupyter.token"  # noqa: S105 - a file name, not a secret
@@ -201,8 +201,13 @@ def connect(
     """Open the tunnel (or, on a login node, reach the server directly) and check it with the token."""
     stack = contextlib.ExitStack()
     try:
+        via, target_host = cluster.transport, location.host
+        if (options.tunnel or cluster.profile.tunnel) == "node":
+            # Jupyter listens on the node's 127.0.0.1: log in to the node through the login host.
+            via = stack.enter_context(node_transport(cluster, location.host))
+            target_host = "127.0.0.1"
         forward: Forward = stack.enter_context(
-            cluster.transport.forward(location.host, location.port, local_port=options.local_port)
+            via.forward(target_host, location.port, local_port=options.local_port)
         )
         status(
             f"tunnel 127.0.0.1:{forward.local_port} -> {location.host}:{location.port}; checking the server"
@@ -225,17 +230,43 @@ def connect(
         raise
 
 
+def node_transport(cluster: Cluster, node: str) -> Transport:
+    """An SSH login to a compute node, jumping through the login host when there is one."""
+    from ..transport.ssh import SSHTransport
+
+    profile = cluster.profile
+    jump = None
+    if profile.host:
+        jump = f"{profile.user}@{profile.host}" if profile.user else profile.host
+        if profile.port:
+            jump += f":{profile.port}"
+    return SSHTransport(
+        node,
+        user=profile.user,
+        port=profile.node_ssh_port,
+        identity_file=profile.identity_file,
+        ssh_config_path=profile.ssh_config,
+        accept_new_host_key=profile.accept_new_host_key,
+        proxy_jump=jump,
+    )
+
+
 def ssh_command(cluster: Cluster, location: ServerLocation, local_port: int) -> str:
     """The OpenSSH command that gives the same tunnel, for a laptop user who prefers their own ssh."""
     profile = cluster.profile
     if profile.host:
-        target = f"{profile.user}@{profile.host}" if profile.user else profile.host
+        login = f"{profile.user}@{profile.host}" if profile.user else profile.host
         port = ["-p", str(profile.port)] if profile.port else []
     else:  # on the login node itself: the laptop connects to this machine
-        target = f"{getpass.getuser()}@{socket.getfqdn()}"
+        login = f"{getpass.getuser()}@{socket.getfqdn()}"
         port = []
+    if profile.tunnel == "node":
+        jump = login + (f":{profile.port}" if profile.port else "")
+        node_port = ["-p", str(profile.node_ssh_port)] if profile.node_ssh_port else []
+        forward = f"{local_port}:127.0.0.1:{location.port}"
+        return shlex.join(["ssh", "-N", "-J", jump, *node_port, "-L", forward, location.host])
     forward = f"{local_port}:{location.host}:{location.port}"
-    return shlex.join(["ssh", "-N", *port, "-L", forward, target])
+    return shlex.join(["ssh", "-N", *port, "-L", forward, login])
 
 
 def wait_for_http(local_port: int, base_url: str, token: str, *, timeout: float) -> int:

@@ -301,6 +301,7 @@ class SSHTransport(Transport):
         keepalive: int | None = None,
         prompter: Prompter | None = None,
         allow_agent: bool = True,
+        proxy_jump: str | None = None,
     ) -> None:
         super().__init__()
         self._config = load_ssh_config(ssh_config_path)
@@ -319,6 +320,8 @@ class SSHTransport(Transport):
             connect_timeout=connect_timeout,
             keepalive=keepalive,
         )
+        if proxy_jump:  # like `ssh -J`: wins over the config's ProxyJump for this host
+            self.settings = replace(self.settings, proxy_jump=(proxy_jump,), proxy_command=None)
         self._accept_new = accept_new_host_key or accept_new_from_env()
         self._known_hosts_file = known_hosts_file
         self._prompter: Prompter = prompter or terminal_prompter
