@@ -9,7 +9,7 @@ import contextlib
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
@@ -20,6 +20,9 @@ from .params import JOB_PARAMS, resolve, sbatch_directives, validate_params
 from .render import Renderer
 
 if TYPE_CHECKING:
+    from submitit.core.core import Executor
+
+    from .array import ArrayJob
     from .scheduler import Scheduler
     from .slurm.states import JobInfo
     from .transport.base import Transport
@@ -144,6 +147,9 @@ class Cluster:
         run_dir: str | None,
         params: Mapping[str, Any],
         extra: Mapping[str, Any] | None = None,
+        *,
+        output_name: str = "slurm-%j.out",
+        more_directives: Sequence[str] = (),
     ) -> tuple[str, str, dict[str, Any]]:
         self.renderer.source_of(template)  # fail before connecting when the name is wrong
         if template == "run" and not command:
@@ -158,7 +164,10 @@ class Cluster:
         context: dict[str, Any] = {
             "job": job,
             "run_dir": run_dir,
-            "directives": sbatch_directives(job, output=f"{run_dir}/slurm-%j.out", chdir=run_dir),
+            "directives": [
+                *sbatch_directives(job, output=f"{run_dir}/{output_name}", chdir=run_dir),
+                *more_directives,
+            ],
             "command": list(command),
             "vars": dict(variables or {}),
             **(extra or {}),
@@ -263,6 +272,76 @@ class Cluster:
         """The state of many jobs in one scheduler call."""
         ids = [j.id if isinstance(j, Job) else str(j) for j in jobs]
         return self.scheduler.states(ids)
+
+    def submit_array(
+        self,
+        params_list: Sequence[Mapping[str, Any]],
+        *,
+        template: str = "run",
+        command: Sequence[str] = (),
+        max_concurrent: int | None = None,
+        variables: Mapping[str, Any] | None = None,
+        files: Mapping[str, str] | None = None,
+        **common: Any,
+    ) -> ArrayJob:
+        """Submit ONE ``sbatch --array=0-(N-1)[%max_concurrent]``: task ``i`` runs with ``params_list[i]``.
+
+        ``common`` job parameters (time, gpus, ...) make the ``#SBATCH`` header that all tasks share.
+        Each task gets its own parameters as environment variables ``HPCLAUNCH_PARAM_<NAME>`` (and
+        ``HPCLAUNCH_TASK_PARAMS``, its JSON object); in the ``run`` template's ``command``, an argument
+        ``{name}`` (or a part of one, ``--lr={lr}``) is replaced by the value, quoted. See
+        :mod:`hpclaunch.array`.
+        """
+        from .array import submit_array
+
+        return submit_array(
+            self,
+            params_list,
+            template=template,
+            command=command,
+            max_concurrent=max_concurrent,
+            variables=variables,
+            files=files,
+            **common,
+        )
+
+    def wait(
+        self,
+        jobs: Iterable[Job | ArrayJob | str],
+        *,
+        timeout: float | None = None,
+        on_update: Callable[[JobInfo], None] | None = None,
+        poll: float = 0.2,
+        max_poll: float = 30.0,
+    ) -> dict[str, JobInfo]:
+        """Wait for many jobs (an ArrayJob counts as its tasks) with ONE batched state query per poll.
+
+        Polls start every ``poll`` seconds and back off, with jitter, to ``max_poll``, so the load on
+        the controller does not grow with the number of jobs. Returns the final info by job id;
+        raises WaitTimeout after ``timeout`` seconds.
+        """
+        ids: list[str] = []
+        for item in jobs:
+            if isinstance(item, Job):
+                ids.append(item.id)
+            elif isinstance(item, str):
+                ids.append(item.strip())
+            else:
+                ids.extend(item.task_ids)
+        return self.scheduler.wait(ids, timeout=timeout, poll=poll, max_poll=max_poll, on_update=on_update)
+
+    def executor(
+        self, *, folder: str | os.PathLike[str] | None = None, python: str | None = None, **params: Any
+    ) -> Executor:
+        """A submitit executor configured from this profile and ``params`` (partition, account, time,
+        GPUs, setup lines...), for running Python functions as jobs where ``sbatch`` is local.
+
+        Over SSH this raises ConfigError: submitit runs ``sbatch`` on this machine and exchanges pickles
+        through a filesystem shared with the nodes. See :mod:`hpclaunch.executor`.
+        """
+        from .executor import make_executor
+
+        return make_executor(self, folder=folder, python=python, **params)
 
     # --- lifetime ------------------------------------------------------------------------------
 

@@ -1,0 +1,348 @@
+"""Job arrays: one ``sbatch --array=0-(N-1)`` whose tasks each run with their own parameters.
+
+Everything a Slurm header says (name, time, GPUs...) is shared by all tasks; what differs per task are
+*script-level* parameters. :func:`submit_array` writes them into the run directory as
+
+- ``params.jsonl``: line ``i`` is task ``i``'s parameters as one JSON object (for programs, and for
+  reading back which task ran what), and
+- ``params.sh``: a bash ``case`` on ``$SLURM_ARRAY_TASK_ID`` that exports ``HPCLAUNCH_PARAM_<NAME>`` for
+  each parameter and ``HPCLAUNCH_TASK_PARAMS`` (the task's JSON line), every value quoted,
+
+both with mode 0600. The job script sources ``params.sh`` before its setup lines. In the ``run``
+template's command, an argument may name a parameter as ``{name}``: it becomes ``"${HPCLAUNCH_PARAM_NAME}"``
+in the script, so a value reaches the program as one argument and is never parsed by the shell.
+
+Task states are read in one scheduler call for the whole array (``squeue --jobs=ID_0,ID_1,...``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shlex
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+from .errors import ParameterError, TemplateError
+from .params import reject_control_chars
+from .render import shell_quote
+
+if TYPE_CHECKING:
+    from .cluster import Cluster, Job
+    from .scheduler import UpdateCallback
+    from .slurm.states import JobInfo
+
+#: Names of per-task parameters: they become environment variables HPCLAUNCH_PARAM_<NAME upper-cased>.
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+#: ``{name}`` in a command argument of the ``run`` template.
+_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+#: The environment variable prefix of per-task parameters.
+ENV_PREFIX = "HPCLAUNCH_PARAM_"
+PARAMS_FILE = "params.jsonl"
+ENV_FILE = "params.sh"
+
+
+def env_name(name: str) -> str:
+    """The environment variable a task parameter is exported as: ``lr`` -> ``HPCLAUNCH_PARAM_LR``."""
+    return ENV_PREFIX + name.upper()
+
+
+def env_value(value: Any) -> str:
+    """How a value appears in the task's environment: text as it is, anything else as JSON
+    (``3``, ``0.001``, ``true``)."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def check_params_list(params_list: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Validate the per-task parameters: a non-empty list of mappings of names to JSON scalars.
+
+    Names are identifiers (case-insensitively unique, as they become environment variable names);
+    values are text, whole numbers, finite floats or booleans, with no control characters.
+    """
+    if isinstance(params_list, (str, bytes)) or not isinstance(params_list, Sequence):
+        raise ParameterError("submit_array: params_list must be a list of dicts, one per task")
+    if not params_list:
+        raise ParameterError("submit_array: params_list is empty: an array needs at least one task")
+    out: list[dict[str, Any]] = []
+    for index, params in enumerate(params_list):
+        where = f"submit_array: task {index}"
+        if not isinstance(params, Mapping):
+            raise ParameterError(f"{where}: expected a dict of parameters, got {type(params).__name__}")
+        seen: dict[str, str] = {}
+        task: dict[str, Any] = {}
+        for name, value in params.items():
+            if not isinstance(name, str) or not _NAME.match(name):
+                raise ParameterError(
+                    f"{where}: parameter name {name!r} is not an identifier",
+                    hint="use letters, digits and _ (it becomes the variable HPCLAUNCH_PARAM_<NAME>)",
+                )
+            upper = name.upper()
+            if upper in seen:
+                raise ParameterError(
+                    f"{where}: parameters {seen[upper]!r} and {name!r} differ only in case",
+                    hint=f"both would be {env_name(name)}",
+                )
+            seen[upper] = name
+            task[name] = _check_value(f"{where}: {name}", value)
+        out.append(task)
+    return out
+
+
+def _check_value(where: str, value: Any) -> Any:
+    if isinstance(value, bool) or isinstance(value, int):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise ParameterError(f"{where}: {value!r} cannot be written as JSON")
+        return value
+    if isinstance(value, str):
+        return reject_control_chars(where, value)
+    raise ParameterError(
+        f"{where}: expected text, a number or a boolean, got {type(value).__name__} {value!r}",
+        hint="pass structured values as a JSON string and parse it in the job",
+    )
+
+
+def params_jsonl(tasks: Sequence[Mapping[str, Any]]) -> str:
+    """One JSON object per line, line ``i`` for task ``i`` (JSON escapes newlines: one line each)."""
+    return "".join(json.dumps(dict(t), sort_keys=True, allow_nan=False) + "\n" for t in tasks)
+
+
+def params_script(tasks: Sequence[Mapping[str, Any]]) -> str:
+    """The bash file every task sources: a ``case`` exporting that task's parameters, all quoted."""
+    lines = [
+        "# Written by hpclaunch (Cluster.submit_array): each array task exports its own parameters.",
+        'case "${SLURM_ARRAY_TASK_ID:-}" in',
+    ]
+    for index, task in enumerate(tasks):
+        exports = [f"HPCLAUNCH_TASK_PARAMS={shlex.quote(json.dumps(dict(task), sort_keys=True))}"]
+        exports += [f"{env_name(k)}={shlex.quote(env_value(v))}" for k, v in sorted(task.items())]
+        lines.append(f"{index}) export {' '.join(exports)} ;;")
+    lines += [
+        '*) echo "hpclaunch: error: no parameters for array task ${SLURM_ARRAY_TASK_ID:-?}" >&2; exit 2 ;;',
+        "esac",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def command_line(command: Sequence[str], tasks: Sequence[Mapping[str, Any]]) -> tuple[str, set[str]]:
+    """The ``run`` command as one bash line, with ``{name}`` of a task parameter replaced by
+    ``"${HPCLAUNCH_PARAM_NAME}"``; returns the line and the names it uses.
+
+    Braces that do not name a parameter (``{1..3}``, awk's ``{print $1}``) stay literal text.
+    A name used here must be a parameter of every task.
+    """
+    known = set().union(*(t.keys() for t in tasks))
+    used: set[str] = set()
+    words = []
+    for arg in command:
+        if not isinstance(arg, str):
+            raise ParameterError(f"submit_array: command arguments must be text, got {arg!r}")
+        parts = _PLACEHOLDER.split(arg)
+        pieces = []
+        for position, part in enumerate(parts):
+            if position % 2 == 0:
+                if part:
+                    pieces.append(shell_quote(part))
+            elif part in known:
+                used.add(part)
+                pieces.append(f'"${{{env_name(part)}}}"')
+            else:
+                pieces.append(shell_quote("{" + part + "}"))
+        words.append("".join(pieces) or "''")
+    for name in sorted(used):
+        missing = [i for i, t in enumerate(tasks) if name not in t]
+        if missing:
+            raise ParameterError(
+                f"submit_array: the command uses {{{name}}} but task {missing[0]} has no parameter {name!r}",
+                hint="give every task a value for each parameter the command names",
+            )
+    return " ".join(words), used
+
+
+def array_spec(count: int, max_concurrent: int | None) -> str:
+    """``0-(count-1)`` with an optional ``%max_concurrent`` throttle."""
+    spec = f"0-{count - 1}"
+    if max_concurrent is not None:
+        if isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int) or max_concurrent < 1:
+            raise ParameterError(
+                f"submit_array: max_concurrent must be a whole number of at least 1, got {max_concurrent!r}"
+            )
+        spec += f"%{max_concurrent}"
+    return spec
+
+
+def submit_array(
+    cluster: Cluster,
+    params_list: Sequence[Mapping[str, Any]],
+    *,
+    template: str = "run",
+    command: Sequence[str] = (),
+    max_concurrent: int | None = None,
+    variables: Mapping[str, Any] | None = None,
+    files: Mapping[str, str] | None = None,
+    **common: Any,
+) -> ArrayJob:
+    """See :meth:`hpclaunch.cluster.Cluster.submit_array`."""
+    from .cluster import Job
+
+    tasks = check_params_list(params_list)
+    spec = array_spec(len(tasks), max_concurrent)
+    line, used = command_line(command, tasks)
+    local = cluster.scheduler.name == "local"
+    cluster.renderer.source_of(template)  # fail on a wrong name before touching the cluster
+    run_dir = cluster.new_run_dir(
+        str(common.get("job_name") or f"hpclaunch-{template}-array").replace("/", "_")
+    )
+    context = {
+        "array": {
+            "count": len(tasks),
+            "params_file": f"{run_dir}/{PARAMS_FILE}",
+            "env_file": f"{run_dir}/{ENV_FILE}",
+            "command_line": line,
+        }
+    }
+    script, run_dir, job = cluster._prepare(
+        template,
+        command,
+        variables,
+        run_dir,
+        common,
+        context,
+        output_name="slurm-%A_%a.out",
+        more_directives=() if local else (f"--array={spec}",),
+    )
+    if f"HPCLAUNCH_PARAMS_FILE={shell_quote(context['array']['params_file'])}" not in script:
+        raise TemplateError(
+            f"template {template!r} does not read array parameters",
+            hint="it must extend _base.sbatch.j2 (which includes _array.sbatch.j2)",
+        )
+    if used and line not in script:
+        raise TemplateError(
+            f"template {template!r} does not use the array's command line (array.command_line)",
+            hint="use the built-in 'run' template, or read HPCLAUNCH_PARAM_<NAME> in yours",
+        )
+    transport = cluster.transport
+    transport.makedirs(run_dir, mode=0o700)
+    name = job["job_name"]
+    with cluster._removed_on_error(run_dir):
+        for local_path, dest in (files or {}).items():
+            transport.put(local_path, f"{run_dir}/{dest}")
+        transport.write_text(f"{run_dir}/{PARAMS_FILE}", params_jsonl(tasks), mode=0o600)
+        transport.write_text(f"{run_dir}/{ENV_FILE}", params_script(tasks), mode=0o600)
+        transport.write_text(f"{run_dir}/job.sbatch", script, mode=0o600)
+        if local:
+            task_jobs = _submit_local_tasks(cluster, script, run_dir, len(tasks), job, name)
+            return ArrayJob(cluster, task_jobs[0].id, tasks, task_jobs, run_dir=run_dir, name=name)
+        array_id = cluster.scheduler.submit(script, workdir=run_dir)
+    task_jobs = [
+        Job(
+            cluster,
+            f"{array_id}_{index}",
+            run_dir=run_dir,
+            name=name,
+            output=None if job.get("output") else f"{run_dir}/slurm-{array_id}_{index}.out",
+        )
+        for index in range(len(tasks))
+    ]
+    return ArrayJob(cluster, array_id, tasks, task_jobs, run_dir=run_dir, name=name)
+
+
+def _submit_local_tasks(
+    cluster: Cluster, script: str, run_dir: str, count: int, job: Mapping[str, Any], name: str
+) -> list[Job]:
+    """The ``local`` backend has no arrays: run each task as its own background job with the
+    ``SLURM_ARRAY_*`` variables a Slurm task sees (all at once; ``max_concurrent`` does not apply)."""
+    from .cluster import Job
+
+    out: list[Job] = []
+    for index in range(count):
+        env = {
+            "SLURM_ARRAY_TASK_ID": str(index),
+            "SLURM_ARRAY_TASK_COUNT": str(count),
+            "SLURM_ARRAY_TASK_MIN": "0",
+            "SLURM_ARRAY_TASK_MAX": str(count - 1),
+            "SLURM_ARRAY_TASK_STEP": "1",
+        }
+        args = [] if job.get("output") else [f"--output={run_dir}/slurm-%j_{index}.out"]
+        job_id = cluster.scheduler.submit(script, sbatch_args=args, workdir=run_dir, env=env)
+        output = None if job.get("output") else f"{run_dir}/slurm-{job_id}_{index}.out"
+        out.append(Job(cluster, job_id, run_dir=run_dir, name=name, output=output))
+    return out
+
+
+class ArrayJob:
+    """A submitted job array: one Slurm job id, one :class:`~hpclaunch.cluster.Job` per task.
+
+    >>> sweep = cluster.submit_array([{"lr": lr} for lr in (0.1, 0.01)],         # doctest: +SKIP
+    ...                              command=["python", "train.py", "--lr", "{lr}"], time="10m")
+    >>> sweep.wait(timeout=600)                                                  # doctest: +SKIP
+    >>> [task.logs() for task in sweep]                                          # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        cluster: Cluster,
+        array_id: str,
+        params: Sequence[Mapping[str, Any]],
+        tasks: Sequence[Job],
+        *,
+        run_dir: str | None = None,
+        name: str | None = None,
+    ) -> None:
+        self.cluster = cluster
+        #: The array's job id (``123``; its tasks are ``123_0``, ``123_1``...). On the ``local``
+        #: backend, which has no arrays, the id of the first task's job.
+        self.id = array_id
+        #: Task ``i``'s parameters, as given.
+        self.params: list[dict[str, Any]] = [dict(p) for p in params]
+        self.tasks: list[Job] = list(tasks)
+        self.run_dir = run_dir
+        self.name = name
+
+    @property
+    def task_ids(self) -> list[str]:
+        return [task.id for task in self.tasks]
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __iter__(self) -> Iterator[Job]:
+        return iter(self.tasks)
+
+    def __getitem__(self, index: int) -> Job:
+        return self.tasks[index]
+
+    def states(self) -> list[JobInfo]:
+        """Every task's current info, in task order, from one scheduler call."""
+        infos = self.cluster.scheduler.states(self.task_ids)
+        return [infos[task_id] for task_id in self.task_ids]
+
+    def wait(
+        self,
+        timeout: float | None = None,
+        *,
+        on_update: UpdateCallback | None = None,
+        max_poll: float = 30.0,
+    ) -> list[JobInfo]:
+        """Block until every task has ended (one batched query per poll, with backoff and jitter);
+        returns each task's final info in task order. Raises WaitTimeout after ``timeout`` seconds."""
+        infos = self.cluster.wait(self.tasks, timeout=timeout, on_update=on_update, max_poll=max_poll)
+        return [infos[task_id] for task_id in self.task_ids]
+
+    def cancel(self) -> None:
+        """Cancel every task (one ``scancel`` of the array on Slurm)."""
+        if self.cluster.scheduler.name == "local":
+            for task in self.tasks:
+                task.cancel()
+        else:
+            self.cluster.scheduler.cancel(self.id)
+
+    def logs(self) -> list[str]:
+        """Each task's output so far, in task order."""
+        return [task.logs() for task in self.tasks]
+
+    def __repr__(self) -> str:
+        return f"ArrayJob({self.id!r}, tasks={len(self.tasks)}, name={self.name!r})"
