@@ -26,10 +26,12 @@ from .errors import (
 __version__ = "0.1.0"
 
 if TYPE_CHECKING:
+    from .array import ArrayJob
     from .cluster import Cluster, Job
     from .slurm.states import JobInfo, JobState
 
 _LAZY = {
+    "ArrayJob": ("hpclaunch.array", "ArrayJob"),
     "Cluster": ("hpclaunch.cluster", "Cluster"),
     "Job": ("hpclaunch.cluster", "Job"),
     "JobInfo": ("hpclaunch.slurm.states", "JobInfo"),
@@ -47,6 +49,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "ArrayJob",
     "Cluster",
     "CommandError",
     "ConfigError",
