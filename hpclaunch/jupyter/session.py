@@ -43,6 +43,8 @@ class JupyterOptions:
     queue_timeout: float | None = None
     local_port: int = 0
     tunnel: str | None = None  # None: the profile's
+    #: Wait for our template's readiness marker (False for a site's own script, whose banner we parse).
+    expect_marker: bool = True
 
 
 @dataclass
@@ -103,7 +105,7 @@ def start(
     run_dir = cluster.new_run_dir(params["job_name"])
     transport.makedirs(run_dir, mode=0o700)
     token_path = f"{run_dir}/{TOKEN_FILE}"
-    transport.write_text(token_path, token + "\n", mode=0o600)
+    transport.write_text(token_path, token, mode=0o600)  # read verbatim by jupyter_server: no newline
     variables = {
         "app": options.app,
         "bind": "loopback" if tunnel == "node" else "node",
@@ -162,7 +164,9 @@ def wait_for_server(job: Job, options: JupyterOptions, *, status: Status) -> Ser
                 output = job.output_path()
             text = _read(transport, output)
             location = find_server(text)
-            if location is not None:
+            # Our template announces readiness with its marker after the server answers; Jupyter's own
+            # banner comes earlier and names the bind address, which may not be reachable from outside.
+            if location is not None and (location.source == "marker" or not options.expect_marker):
                 return location
             if now - running_since > options.server_timeout:
                 raise JupyterError(

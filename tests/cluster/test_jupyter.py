@@ -231,10 +231,13 @@ def test_job_failing_before_jupyter_is_reported_fast(cli_env: dict[str, str]) ->
 
 
 def test_ten_concurrent_sessions_get_distinct_ports(cli_env: dict[str, str]) -> None:
+    # Five on each node (Slurm would pack them all on node1 otherwise).
     procs = [
-        subprocess.Popen(hpclaunch_argv("jupyter", "--no-browser"), env=cli_env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True)
-        for _ in range(10)
+        subprocess.Popen(
+            hpclaunch_argv("jupyter", "--no-browser", "--sbatch-options", f"--nodelist=node{1 + i % 2}"),
+            env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for i in range(10)
     ]
     runs: list[Running] = []
     try:
