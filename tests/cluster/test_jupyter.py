@@ -105,7 +105,9 @@ def port_is_free(port: int) -> bool:
 def run_code_in_kernel(base: str, token: str, code: str) -> str:
     """Start a kernel through the REST API, execute ``code`` over the websocket, return its stdout."""
     headers = {"Authorization": f"token {token}"}
-    kernel = requests.post(f"{base}/api/kernels", headers=headers, json={"name": "python3"}, timeout=30).json()
+    kernel = requests.post(
+        f"{base}/api/kernels", headers=headers, json={"name": "python3"}, timeout=30
+    ).json()
     ws_url = base.replace("http://", "ws://") + f"/api/kernels/{kernel['id']}/channels"
     ws = websocket.create_connection(ws_url, header=[f"Authorization: token {token}"], timeout=60)
     try:
@@ -113,12 +115,22 @@ def run_code_in_kernel(base: str, token: str, code: str) -> str:
         ws.send(
             json.dumps(
                 {
-                    "header": {"msg_id": msg_id, "msg_type": "execute_request", "username": "t", "session": "s",
-                               "version": "5.3"},
+                    "header": {
+                        "msg_id": msg_id,
+                        "msg_type": "execute_request",
+                        "username": "t",
+                        "session": "s",
+                        "version": "5.3",
+                    },
                     "parent_header": {},
                     "metadata": {},
-                    "content": {"code": code, "silent": False, "store_history": False, "user_expressions": {},
-                                "allow_stdin": False},
+                    "content": {
+                        "code": code,
+                        "silent": False,
+                        "store_history": False,
+                        "user_expressions": {},
+                        "allow_stdin": False,
+                    },
                     "channel": "shell",
                 }
             )
@@ -153,7 +165,12 @@ def test_notebook_url_token_kernel_and_secrecy(notebook: Running, dev_cluster: D
     ok = requests.get(f"{run.base}/api/status", headers={"Authorization": f"token {run.token}"}, timeout=10)
     assert ok.status_code == 200
     assert requests.get(f"{run.base}/api/status", timeout=10).status_code == 403
-    assert requests.get(f"{run.base}/api/status", headers={"Authorization": "token wrong"}, timeout=10).status_code == 403
+    assert (
+        requests.get(
+            f"{run.base}/api/status", headers={"Authorization": "token wrong"}, timeout=10
+        ).status_code
+        == 403
+    )
 
     out = run_code_in_kernel(
         run.base, run.token, "import os\nprint(os.environ['SLURM_JOB_ID'], os.environ['SLURMD_NODENAME'])"
@@ -174,7 +191,8 @@ def test_notebook_url_token_kernel_and_secrecy(notebook: Running, dev_cluster: D
     # ...and every file holding it is private to the user.
     holders = subprocess.run(
         ["grep", "-rlsF", run.token, "/home/hpcuser", "/tmp", "/var/spool/slurmd", "/dev/shm"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     ).stdout.split()
     assert holders, "the token file itself should be found"
     for path in holders:
@@ -203,14 +221,19 @@ def test_keep_then_attach_from_second_process(cli_env: dict[str, str]) -> None:
         sessions = run_hpclaunch(cli_env, "sessions", "--json")
         assert run.job_id in {row["job_id"] for row in json.loads(sessions.stdout)}
         again = subprocess.Popen(
-            hpclaunch_argv("attach", run.job_id), env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            hpclaunch_argv("attach", run.job_id),
+            env=cli_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         assert again.stdout is not None
         url = again.stdout.readline().strip()
         assert url.split("token=", 1)[1] == run.token
         port = int(re.match(r"http://127\.0\.0\.1:(\d+)/", url).group(1))  # type: ignore[union-attr]
-        status = requests.get(f"http://127.0.0.1:{port}/api/status", headers={"Authorization": f"token {run.token}"},
-                              timeout=10)
+        status = requests.get(
+            f"http://127.0.0.1:{port}/api/status", headers={"Authorization": f"token {run.token}"}, timeout=10
+        )
         assert status.status_code == 200
         again.send_signal(signal.SIGINT)
         assert again.wait(timeout=30) == 0
@@ -222,7 +245,9 @@ def test_keep_then_attach_from_second_process(cli_env: dict[str, str]) -> None:
 
 def test_job_failing_before_jupyter_is_reported_fast(cli_env: dict[str, str]) -> None:
     t0 = time.monotonic()
-    result = run_hpclaunch(cli_env, "jupyter", "--no-browser", "--setup", "echo setting-up; exit 3", timeout=60)
+    result = run_hpclaunch(
+        cli_env, "jupyter", "--no-browser", "--setup", "echo setting-up; exit 3", timeout=60
+    )
     elapsed = time.monotonic() - t0
     assert result.returncode != 0
     assert "ended before Jupyter started" in result.stderr and "setting-up" in result.stderr
@@ -235,7 +260,10 @@ def test_ten_concurrent_sessions_get_distinct_ports(cli_env: dict[str, str]) -> 
     procs = [
         subprocess.Popen(
             hpclaunch_argv("jupyter", "--no-browser", "--sbatch-options", f"--nodelist=node{1 + i % 2}"),
-            env=cli_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=cli_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for i in range(10)
     ]
@@ -259,7 +287,9 @@ def test_ten_concurrent_sessions_get_distinct_ports(cli_env: dict[str, str]) -> 
         assert len(endpoints) == 10
         assert {r.node for r in runs} == {"node1", "node2"}
         for r in runs:
-            ok = requests.get(f"{r.base}/api/status", headers={"Authorization": f"token {r.token}"}, timeout=10)
+            ok = requests.get(
+                f"{r.base}/api/status", headers={"Authorization": f"token {r.token}"}, timeout=10
+            )
             assert ok.status_code == 200
     finally:
         for proc in procs:
