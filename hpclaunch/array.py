@@ -346,3 +346,44 @@ class ArrayJob:
 
     def __repr__(self) -> str:
         return f"ArrayJob({self.id!r}, tasks={len(self.tasks)}, name={self.name!r})"
+
+
+def attach_array(cluster: Cluster, array_id: str | int) -> ArrayJob:
+    """Reattach to an array submitted by :func:`submit_array` (from any process), by its job id.
+
+    One squeue call finds its run directory (the job's working directory), whose ``params.jsonl``
+    says how many tasks it has and what each one got.
+    """
+    from .cluster import Job
+    from .errors import SlurmError
+    from .slurm.parse import split_job_id
+
+    array_id = str(array_id).strip()
+    base, task = split_job_id(array_id)
+    if task is not None:
+        raise SlurmError(f"{array_id} is one task of an array", hint=f"use cluster.array({base!r})")
+    if cluster.scheduler.name == "local":
+        raise SlurmError("the local backend has no job arrays to reattach to", hint="use cluster.job(ID)")
+    info = cluster.scheduler.info(base)
+    run_dir = info.work_dir
+    params_file = f"{run_dir}/{PARAMS_FILE}"
+    if info.array_job_id is None or not run_dir or not cluster.transport.exists(params_file):
+        raise SlurmError(
+            f"job {base} is not a job array submitted by hpclaunch ({info.describe()})",
+            hint="cluster.job(ID) reattaches to any job",
+        )
+    tasks = [json.loads(line) for line in cluster.transport.read_text(params_file).splitlines() if line]
+    script_path = f"{run_dir}/job.sbatch"
+    script = cluster.transport.read_text(script_path) if cluster.transport.exists(script_path) else ""
+    known_output = f"#SBATCH --output={run_dir}/slurm-%A_%a.out" in script
+    task_jobs = [
+        Job(
+            cluster,
+            f"{base}_{index}",
+            run_dir=run_dir,
+            name=info.name,
+            output=f"{run_dir}/slurm-{base}_{index}.out" if known_output else None,
+        )
+        for index in range(len(tasks))
+    ]
+    return ArrayJob(cluster, base, tasks, task_jobs, run_dir=run_dir, name=info.name)

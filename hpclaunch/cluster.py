@@ -305,6 +305,12 @@ class Cluster:
             **common,
         )
 
+    def array(self, array_id: str | int) -> ArrayJob:
+        """Reattach to a job array made by :meth:`submit_array` (from any process) by its job id."""
+        from .array import attach_array
+
+        return attach_array(self, array_id)
+
     def wait(
         self,
         jobs: Iterable[Job | ArrayJob | str],

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from hpclaunch import ArrayJob, Cluster
+from hpclaunch import ArrayJob, Cluster, HpclaunchError
 from hpclaunch.config import Profile
 from hpclaunch.slurm.client import SlurmClient
 from hpclaunch.transport.ssh import SSHTransport
@@ -148,7 +148,8 @@ def test_executor_runs_a_function_and_returns_its_result(dev_cluster: object, tm
         job = executor.submit(multiply, 6, 7)
         value, job_id = job.result()
         assert value == 42 and job_id == str(job.job_id)
-        assert here.job(job.job_id).info().state.value == "COMPLETED"
+        # The result is written before the job ends: hpclaunch can wait for the job itself.
+        assert here.job(job.job_id).wait(timeout=60).state.value == "COMPLETED"
     assert (tmp_path / "submitit" / str(job.job_id)).is_dir()
 
 
@@ -187,3 +188,18 @@ def test_reattach_from_a_second_process(cluster: Cluster, dev_config: Path, clea
     assert before == "RUNNING" and after == "COMPLETED"
     assert waited > 0.5  # it really waited for the running job
     assert f"job {job.id}" in logs
+
+
+def test_reattach_to_an_array(cluster: Cluster, dev_config: Path, cleanup: list[str]) -> None:
+    params = [{"n": i, "word": f"w{i}"} for i in range(3)]
+    array = cluster.submit_array(params, command=["bash", "-c", 'sleep 1; echo "got $0"', "{word}"])
+    assert array.run_dir is not None
+    cleanup.append(array.run_dir)
+    with Cluster("dev", config=dev_config) as other:
+        again = other.array(array.id)
+        assert again.task_ids == array.task_ids and again.params == params
+        assert again.run_dir == array.run_dir
+        assert [info.state.value for info in again.wait(timeout=60)] == ["COMPLETED"] * 3
+        assert [log.splitlines()[-1] for log in again.logs()] == ["got w0", "got w1", "got w2"]
+        with pytest.raises(HpclaunchError, match="one task of an array"):
+            other.array(array.task_ids[0])
