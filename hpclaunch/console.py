@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from typing import TextIO
 
 _FRAMES = "⠋⠙⠹⠸⠼⠴⠦⠧⠇⠏"
@@ -54,3 +58,16 @@ def say(message: str) -> None:
     """A line for the user on stderr (stdout is kept for results)."""
     sys.stderr.write(message + "\n")
     sys.stderr.flush()
+
+
+@contextlib.contextmanager
+def no_interrupts() -> Iterator[None]:
+    """Hold off Ctrl-C while cleaning up, so a second one cannot leave a half-cancelled state."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from ..console import StatusLine, say
+from ..console import StatusLine, no_interrupts, say
 from ..errors import HpclaunchError
 from .context import AppContext
 from .options import given, job_options
@@ -100,7 +100,6 @@ def command(
     **values: Any,
 ) -> None:
     """Start JupyterLab on a compute node and tunnel to it; Ctrl-C ends it."""
-    from ..jupyter import records
     from ..jupyter import session as jsession
 
     cluster = app_ctx.cluster()
@@ -114,15 +113,7 @@ def command(
     )
     with StatusLine() as line:
         sess = jsession.start(cluster, options, given(values), status=line.update)
-    records.add(
-        job_id=sess.job.id,
-        profile=cluster.profile.name,
-        host=cluster.profile.host,
-        run_dir=sess.job.run_dir,
-        node=sess.location.host,
-        port=sess.location.port,
-    )
-    _serve(sess, keep=keep, open_browser=open_browser)
+    _serve(sess, keep=keep, open_browser=open_browser, record=True)
 
 
 @click.command("attach", epilog="Example:\n\n  hpclaunch attach 1234 --open")
@@ -203,21 +194,33 @@ def stop(app_ctx: AppContext, job_ids: tuple[str, ...]) -> None:
         say(f"stopped notebook job {job_id}")
 
 
-def _serve(sess: Any, *, keep: bool, open_browser: bool) -> None:
+def _serve(sess: Any, *, keep: bool, open_browser: bool, record: bool = False) -> None:
     """Show the URL, keep the tunnel up until Ctrl-C or the job ends, then clean up."""
     from ..jupyter import records
 
     cluster = sess.cluster
-    click.echo(sess.url)
-    say(f"Jupyter is running in job {sess.job.id} on {sess.location.host}.")
-    say(f"Same tunnel with OpenSSH: {sess.ssh_command}")
-    say("Press Ctrl-C to stop" + (" (the job keeps running)." if keep else " (the job will be cancelled)."))
-    if open_browser:
-        import webbrowser
-
-        webbrowser.open(sess.url)
     ended: Any = None
-    try:
+    try:  # from the first line on: a Ctrl-C anywhere here still cleans up
+        if record:
+            records.add(
+                job_id=sess.job.id,
+                profile=cluster.profile.name,
+                host=cluster.profile.host,
+                run_dir=sess.job.run_dir,
+                node=sess.location.host,
+                port=sess.location.port,
+            )
+        click.echo(sess.url)
+        say(f"Jupyter is running in job {sess.job.id} on {sess.location.host}.")
+        say(f"Same tunnel with OpenSSH: {sess.ssh_command}")
+        say(
+            "Press Ctrl-C to stop"
+            + (" (the job keeps running)." if keep else " (the job will be cancelled).")
+        )
+        if open_browser:
+            import webbrowser
+
+            webbrowser.open(sess.url)
         delay = 2.0
         while ended is None:
             time.sleep(delay)
@@ -230,7 +233,7 @@ def _serve(sess: Any, *, keep: bool, open_browser: bool) -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        with contextlib.suppress(HpclaunchError):
+        with no_interrupts(), contextlib.suppress(HpclaunchError):
             sess.close(cancel=not keep and ended is None)
     if ended is not None:
         records.remove(sess.job.id, cluster.profile.name)

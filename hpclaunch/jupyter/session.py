@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..console import no_interrupts
 from ..errors import HpclaunchError, JupyterError, TransportError, WaitTimeout
 from ..slurm.states import JobInfo, Phase
 from .banner import ServerLocation, find_server
@@ -121,7 +122,7 @@ def start(
         return connect(cluster, job, location, token, options, status=status)
     except BaseException:
         # Ctrl-C or an error before the user got a URL: leave nothing behind.
-        with contextlib.suppress(HpclaunchError):
+        with no_interrupts(), contextlib.suppress(HpclaunchError):
             job.cancel()
         raise
 
