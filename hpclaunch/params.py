@@ -82,7 +82,7 @@ _HUMAN_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
 
 
 def parse_time(raw: str) -> int:
-    """Seconds in a Slurm time limit (``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH[:MM[:SS]]``, ``90m``, ``2h``)."""
+    """Seconds in a Slurm time limit: ``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH[:MM[:SS]]``, ``90m``, ``2h``."""
     text = raw.strip()
     human = _HUMAN_TIME.match(text)
     if human:
