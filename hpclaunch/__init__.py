@@ -28,7 +28,9 @@ __version__ = "0.1.0"
 if TYPE_CHECKING:
     from .array import ArrayJob
     from .cluster import Cluster, Job
+    from .jupyter.session import JupyterOptions, Session
     from .slurm.states import JobInfo, JobState
+    from .train import TrainOptions
 
 _LAZY = {
     "ArrayJob": ("hpclaunch.array", "ArrayJob"),
@@ -36,6 +38,9 @@ _LAZY = {
     "Job": ("hpclaunch.cluster", "Job"),
     "JobInfo": ("hpclaunch.slurm.states", "JobInfo"),
     "JobState": ("hpclaunch.slurm.states", "JobState"),
+    "JupyterOptions": ("hpclaunch.jupyter.session", "JupyterOptions"),
+    "Session": ("hpclaunch.jupyter.session", "Session"),
+    "TrainOptions": ("hpclaunch.train", "TrainOptions"),
 }
 
 
@@ -61,10 +66,13 @@ __all__ = [
     "JobInfo",
     "JobState",
     "JupyterError",
+    "JupyterOptions",
     "ParameterError",
+    "Session",
     "SlurmError",
     "SubmissionRejected",
     "TemplateError",
+    "TrainOptions",
     "TransportError",
     "WaitTimeout",
     "__version__",

@@ -23,8 +23,10 @@ if TYPE_CHECKING:
     from submitit.core.core import Executor
 
     from .array import ArrayJob
+    from .jupyter.session import JupyterOptions, Session
     from .scheduler import Scheduler
     from .slurm.states import JobInfo
+    from .train import TrainOptions
     from .transport.base import Transport
 
 
@@ -348,6 +350,36 @@ class Cluster:
         from .executor import make_executor
 
         return make_executor(self, folder=folder, python=python, **params)
+
+    # --- notebooks and training ----------------------------------------------------------------
+
+    def jupyter(
+        self,
+        options: JupyterOptions | None = None,
+        *,
+        status: Callable[[str], None] | None = None,
+        **params: Any,
+    ) -> Session:
+        """Start JupyterLab on a compute node and return the verified session (URL, token, tunnel).
+
+        ``session.close()`` closes the tunnel and cancels the job; ``close(cancel=False)`` keeps it.
+        """
+        from .jupyter.session import JupyterOptions, start
+
+        return start(self, options or JupyterOptions(), params, status=status or (lambda _msg: None))
+
+    def train(
+        self,
+        job_or_script: str,
+        script_args: Sequence[str] = (),
+        *,
+        options: TrainOptions | None = None,
+        **params: Any,
+    ) -> Job:
+        """Stage a bundled training job (``mnist_lenet5``, ``cifar10_resnet``) or a .py script; submit it."""
+        from .train import TrainOptions, submit
+
+        return submit(self, job_or_script, script_args, params, options or TrainOptions())
 
     # --- lifetime ------------------------------------------------------------------------------
 

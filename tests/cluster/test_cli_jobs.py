@@ -108,3 +108,16 @@ def test_wrong_key_is_one_line(cli_env: dict[str, str], tmp_path: Path, dev_clus
     assert result.returncode != 0
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "refused every key" in result.stderr
+
+
+def test_api_jupyter_session_and_close(cluster: Cluster) -> None:
+    import requests
+
+    session = cluster.jupyter()
+    try:
+        assert session.url.startswith(f"http://127.0.0.1:{session.local_port}/lab?token=")
+        headers = {"Authorization": f"token {session.token}"}
+        assert requests.get(f"{session.api_url}/api/status", headers=headers, timeout=10).status_code == 200
+    finally:
+        session.close()
+    assert session.job.wait(timeout=30).state.value == "CANCELLED"
