@@ -28,6 +28,9 @@ Examples:
 @set_option
 @click.option("--follow", "-f", is_flag=True, help="Stream the job's output until it ends.")
 @click.option("--wait", is_flag=True, help="Wait until the job ends; exit non-zero if it failed.")
+@click.option(
+    "--keep", is_flag=True, help="With --follow/--wait: Ctrl-C stops waiting but leaves the job running."
+)
 @click.pass_obj
 def command(
     app: AppContext,
@@ -37,6 +40,7 @@ def command(
     variables: tuple[str, ...],
     follow: bool,
     wait: bool,
+    keep: bool,
     **values: Any,
 ) -> None:
     """Submit TEMPLATE_OR_SCRIPT: a template name (see `hpclaunch templates`) or a script file.
@@ -51,4 +55,4 @@ def command(
     where = f" (run directory {job.run_dir})" if job.run_dir else ""
     say(f"submitted job {job.id}{where}")
     if follow or wait:
-        follow_job(job, stream=follow)
+        follow_job(job, stream=follow, owner=not keep)

@@ -50,6 +50,7 @@ Arguments after `--` go to the training script.
     help="Seconds before the time limit at which Slurm warns the job.",
 )
 @click.option("--follow", "-f", is_flag=True, help="Stream the log until the run ends.")
+@click.option("--keep", is_flag=True, help="With --follow: Ctrl-C stops following but leaves the run going.")
 @click.pass_obj
 def command(
     app: AppContext,
@@ -60,6 +61,7 @@ def command(
     max_requeues: int,
     signal_lead: int,
     follow: bool,
+    keep: bool,
     **values: Any,
 ) -> None:
     """Train JOB (a bundled job: mnist_lenet5, cifar10_resnet; or a path to your .py) on the allocated GPUs.
@@ -75,7 +77,7 @@ def command(
     click.echo(run.id)
     say(f"submitted training job {run.id} (run directory {run.run_dir})")
     if follow:
-        follow_job(run, stream=True)
+        follow_job(run, stream=True, owner=not keep)
 
 
 @click.command("fetch", epilog="Example:\n\n  hpclaunch fetch 1234 ./results")
