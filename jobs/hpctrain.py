@@ -31,6 +31,7 @@ import struct
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,7 +99,7 @@ def _read_maybe_gzip(path: Path) -> bytes:
     if raw[:2] == b"\x1f\x8b":
         try:
             return gzip.decompress(raw)
-        except (OSError, EOFError) as e:
+        except (OSError, EOFError, zlib.error) as e:
             raise DataError(f"{path}: corrupt gzip file ({e})") from None
     return raw
 
@@ -330,32 +331,39 @@ def init_distributed(env: DistEnv, device: torch.device) -> None:
 
 
 class StopFlag:
-    """Set by SIGUSR2/SIGTERM; the loop polls it between steps (handlers must not do real work)."""
+    """Set by SIGUSR2/SIGTERM; the loop polls it between steps (handlers must not do real work).
 
-    SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+    SIGUSR2 is the preemption / time-limit warning (the only one --requeue-on-signal requeues on);
+    SIGTERM is what Slurm sends on scancel, at the time limit and on preemption without a warning.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR2)  # ordered by priority: USR2 wins when both arrive
 
     def __init__(self) -> None:
-        self.signum: int | None = None
+        self.signum: int | None = None  # what this process received
+        self.stop_signum: int | None = None  # what the job agreed to stop on
 
     def install(self) -> None:
         for s in self.SIGNALS:
             signal.signal(s, self._handle)
 
     def _handle(self, signum: int, frame: object) -> None:
-        if self.signum is None:
+        if self.signum is None or self.SIGNALS.index(signum) > self.SIGNALS.index(self.signum):
             self.signum = signum
 
     @property
     def name(self) -> str:
-        return signal.Signals(self.signum).name if self.signum is not None else "none"
+        return signal.Signals(self.stop_signum).name if self.stop_signum is not None else "none"
 
     def agreed(self, env: DistEnv, device: torch.device) -> bool:
         """True on every rank as soon as any rank got a signal (a collective: all ranks must call)."""
-        if not env.distributed:
-            return self.signum is not None
-        flag = torch.tensor([0 if self.signum is None else 1], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+        code = 0 if self.signum is None else 1 + self.SIGNALS.index(self.signum)
+        if env.distributed:
+            flag = torch.tensor([code], device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            code = int(flag.item())
+        self.stop_signum = None if code == 0 else self.SIGNALS[code - 1]
+        return code != 0
 
 
 def requeue_decision(environ: dict[str, str] | os._Environ[str], max_requeues: int) -> tuple[str | None, str]:
@@ -858,7 +866,7 @@ def run(task: Task, args: argparse.Namespace) -> int:
             dist.barrier()  # nobody exits (and lets srun tear the step down) before the file is there
         if env.main:
             log(f"preempted at epoch {epoch}, checkpoint written ({stop.name})")
-            if args.requeue_on_signal and stop.signum == signal.SIGUSR2:
+            if args.requeue_on_signal and stop.stop_signum == signal.SIGUSR2:
                 job_id, why = requeue_decision(os.environ, args.max_requeues)
                 log(why)
                 if job_id is not None:
