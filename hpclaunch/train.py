@@ -26,10 +26,18 @@ class TrainOptions:
     max_requeues: int = 3
 
 
+#: Modules in ``jobs/`` that the bundled jobs import; staged beside them, not runnable on their own.
+SHARED_MODULES = ("hpctrain.py",)
+
+
 def bundled_jobs() -> dict[str, Path]:
-    """Bundled job name -> script path (every ``jobs/*.py`` not starting with ``_``)."""
+    """Bundled job name -> script path (every ``jobs/*.py`` but the shared modules)."""
     directory = data_dir("jobs")
-    return {p.stem: p for p in sorted(directory.glob("*.py")) if not p.name.startswith("_")}
+    return {
+        p.stem: p
+        for p in sorted(directory.glob("*.py"))
+        if not p.name.startswith("_") and p.name not in SHARED_MODULES
+    }
 
 
 def resolve_script(name_or_path: str) -> tuple[Path, list[Path]]:
@@ -37,8 +45,8 @@ def resolve_script(name_or_path: str) -> tuple[Path, list[Path]]:
     jobs = bundled_jobs()
     if name_or_path in jobs:
         script = jobs[name_or_path]
-        helpers = [p for p in script.parent.glob("_*.py") if p.name != "__init__.py"]
-        return script, [script, *helpers]
+        shared = [script.parent / name for name in SHARED_MODULES if (script.parent / name).is_file()]
+        return script, [script, *shared]
     path = Path(name_or_path).expanduser()
     if path.suffix == ".py" or "/" in name_or_path:
         if not path.is_file():
