@@ -233,8 +233,9 @@ class Cluster:
 
         Used by the notebook and training commands, which stage files there first.
         """
-        script, run_dir, job = self._prepare(template, command, None, run_dir, params, context)
+        # The caller made the run directory for this job: a refused one (a bad value) takes it away.
         with self._removed_on_error(run_dir):
+            script, run_dir, job = self._prepare(template, command, None, run_dir, params, context)
             self.transport.write_text(f"{run_dir}/job.sbatch", script, mode=0o600)
             job_id = self.scheduler.submit(script, workdir=run_dir)
         output = None if job.get("output") else f"{run_dir}/slurm-{job_id}.out"

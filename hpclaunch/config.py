@@ -25,8 +25,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import ConfigError, ParameterError
-from .params import PARAMS_BY_NAME, validate_params
+from .errors import ConfigError, HpclaunchWarning, ParameterError
+from .params import PARAMS_BY_NAME, reject_control_chars, validate_params
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -216,10 +216,22 @@ def check_profile(profile: Profile, where: str = "") -> None:
         raise ConfigError(f"{prefix}the local scheduler runs on this machine: remove 'host'")
     if profile.port is not None and not 0 < profile.port < 65536:
         raise ConfigError(f"{prefix}port must be between 1 and 65535, got {profile.port}")
+    if profile.node_ssh_port is not None and not 0 < profile.node_ssh_port < 65536:
+        raise ConfigError(f"{prefix}node_ssh_port must be between 1 and 65535, got {profile.node_ssh_port}")
     for key in ("host", "user"):
         value = getattr(profile, key)
         if value is not None and (not value.strip() or any(c.isspace() for c in value)):
             raise ConfigError(f"{prefix}{key} {value!r} must be one word")
+    for key in ("host", "user", "identity_file", "ssh_config", "workdir", "template_dir"):
+        value = getattr(profile, key)
+        if value is None:
+            continue
+        if not value.strip():
+            raise ConfigError(f"{prefix}{key} is empty")
+        try:
+            reject_control_chars(key, value)
+        except ParameterError as err:
+            raise ConfigError(prefix + err.message, hint=err.hint) from None
 
 
 def _warn_if_readable_by_others(file: Path) -> None:
@@ -228,4 +240,9 @@ def _warn_if_readable_by_others(file: Path) -> None:
     except OSError:
         return
     if mode & (stat.S_IWGRP | stat.S_IWOTH):
-        warnings.warn(f"{file} is writable by other users; run: chmod 600 {file}", UserWarning, stacklevel=3)
+        problem = "writable by other users"
+    elif mode & stat.S_IROTH:
+        problem = "readable by other users"
+    else:
+        return
+    warnings.warn(f"{file} is {problem}; run: chmod 600 {file}", HpclaunchWarning, stacklevel=3)

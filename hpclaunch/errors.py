@@ -121,3 +121,10 @@ class JupyterError(HpclaunchError):
 
 class TunnelError(TransportError):
     """A port forward could not be opened or broke."""
+
+
+class HpclaunchWarning(UserWarning):
+    """Something to fix that does not stop the command, such as a config file others can read.
+
+    The CLI shows each one once as ``hpclaunch: warning: ...``.
+    """

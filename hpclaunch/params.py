@@ -14,11 +14,19 @@ from typing import Any
 
 from .errors import ParameterError
 
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+#: C0 controls but tab, DEL, C1 controls and the Unicode line/paragraph separators: characters that end a
+#: line for bash, sbatch or Python's ``str.splitlines``, or that a terminal interprets.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+#: Lone surrogates: what Python makes of bytes in argv that are not UTF-8; they cannot be written out.
+_SURROGATE = re.compile(r"[\ud800-\udfff]")
 
 
 def reject_control_chars(name: str, value: str) -> str:
     """Refuse newline, CR, NUL and friends: quoting cannot stop a newline from starting a script line."""
+    if _SURROGATE.search(value):
+        raise ParameterError(
+            f"{name}: {value!r} is not valid UTF-8 text", hint="check the terminal's encoding"
+        )
     match = _CONTROL.search(value)
     if match:
         raise ParameterError(

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import HpclaunchError, ParameterError, TemplateError
+from .params import validate_params
 from .render import data_dir
 
 if TYPE_CHECKING:
@@ -94,7 +95,7 @@ def submit(
 ) -> Job:
     """Check what can be checked, stage the code into a new run directory, and submit the run."""
     script, files = resolve_script(job_or_script)
-    params = dict(params)
+    params = validate_params(params)  # a bad value is refused before anything is staged
     params.setdefault("job_name", f"hpclaunch-train-{script.stem}")
     gpus = int(params.get("gpus") or cluster.profile.job.get("gpus") or 0)
     if gpus:

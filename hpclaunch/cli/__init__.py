@@ -10,11 +10,12 @@ import importlib
 import os
 import sys
 import traceback
+import warnings
 from typing import Any
 
 import click
 
-from ..errors import HpclaunchError
+from ..errors import HpclaunchError, HpclaunchWarning
 from .context import AppContext
 
 _COMMANDS: dict[str, tuple[str, str]] = {
@@ -114,8 +115,30 @@ def cli(ctx: click.Context, /, debug: bool, **options: Any) -> None:
     ctx.call_on_close(app.close)
 
 
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """Our warnings as one ``hpclaunch: warning: ...`` line; others the standard way."""
+    if issubclass(category, HpclaunchWarning):
+        sys.stderr.write(f"hpclaunch: warning: {' '.join(str(message).split())}\n")
+    else:
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the CLI and turns errors into one line and an exit code."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("once", HpclaunchWarning)  # once per run, wherever it comes from
+        warnings.showwarning = _show_warning
+        _main(argv)
+
+
+def _main(argv: list[str] | None) -> None:
     args = sys.argv[1:] if argv is None else argv
     debug = "--debug" in args or os.environ.get("HPCLAUNCH_DEBUG", "") not in ("", "0")
     prog = "hpclaunch"

@@ -40,11 +40,14 @@ def follow_job(job: Job, *, stream: bool = True, owner: bool = False) -> None:
     say(f"job {info.describe()}")
 
 
-def log_tail(job: Job, lines: int = LOG_TAIL_LINES) -> str | None:
-    """The last lines of a job's output, for an error report; None when it cannot be read."""
+def log_tail(job: Job, lines: int = LOG_TAIL_LINES, *, token: str | None = None) -> str | None:
+    """The last lines of a job's output, for an error report, with ``token`` (a secret) masked;
+    None when it cannot be read."""
+    from ..jupyter.token import redact
+
     try:
         text = job.logs()
     except HpclaunchError:
         return None
-    tail = [line for line in text.splitlines() if line.strip()][-lines:]
+    tail = [redact(line, token) for line in text.splitlines() if line.strip()][-lines:]
     return "last lines of the job's log:\n" + ("\n".join("  " + t for t in tail) if tail else "  (empty)")

@@ -236,8 +236,12 @@ def _serve(sess: Any, *, keep: bool, open_browser: bool, record: bool = False) -
         with no_interrupts(), contextlib.suppress(HpclaunchError):
             sess.close(cancel=not keep and ended is None)
     if ended is not None:
+        from .follow import log_tail
+
         records.remove(sess.job.id, cluster.profile.name)
-        raise HpclaunchError(f"notebook job {ended.describe()} ended")
+        raise HpclaunchError(
+            f"notebook job {ended.describe()} ended", details=log_tail(sess.job, token=sess.token)
+        )
     if keep:
         say(f"tunnel closed; job {sess.job.id} keeps running: hpclaunch attach {sess.job.id}")
     else:

@@ -17,9 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from ..console import no_interrupts
 from ..errors import HpclaunchError, JupyterError, TransportError, WaitTimeout
+from ..params import validate_params
 from ..slurm.states import JobInfo, Phase
 from .banner import ServerLocation, find_server
-from .token import new_token
+from .token import new_token, redact
 
 if TYPE_CHECKING:
     from ..cluster import Cluster, Job
@@ -99,7 +100,7 @@ def start(
 ) -> Session:
     """Submit a notebook job and return a verified session; on any failure the job is cancelled."""
     tunnel = options.tunnel or cluster.profile.tunnel
-    params = dict(params)
+    params = validate_params(params)  # a bad value is refused before a run directory and token exist
     params.setdefault("job_name", JOB_PREFIX)
     token = new_token()
     transport = cluster.transport
@@ -118,7 +119,7 @@ def start(
     job = cluster.submit_prepared("jupyter", run_dir=run_dir, context={"jupyter": variables}, params=params)
     status(f"submitted job {job.id}")
     try:
-        location = wait_for_server(job, options, status=status)
+        location = wait_for_server(job, options, status=status, token=token)
         return connect(cluster, job, location, token, options, status=status)
     except BaseException:
         # Ctrl-C or an error before the user got a URL: leave nothing behind.
@@ -145,12 +146,17 @@ def attach(
             f"job {job_id} has no token file in {info.work_dir}",
             hint="only notebooks from hpclaunch jupyter can be attached",
         ) from None
-    location = wait_for_server(job, options, status=status)
+    location = wait_for_server(job, options, status=status, token=token)
     return connect(cluster, job, location, token, options, status=status)
 
 
-def wait_for_server(job: Job, options: JupyterOptions, *, status: Status) -> ServerLocation:
-    """Poll the queue and the job's output until the server's marker appears, within the deadlines."""
+def wait_for_server(
+    job: Job, options: JupyterOptions, *, status: Status, token: str | None = None
+) -> ServerLocation:
+    """Poll the queue and the job's output until the server's marker appears, within the deadlines.
+
+    A log shown in an error has ``token`` masked.
+    """
     transport = job.cluster.transport
     output = job.output_path_hint()
     start = time.monotonic()
@@ -174,12 +180,14 @@ def wait_for_server(job: Job, options: JupyterOptions, *, status: Status) -> Ser
                     f"job {job.id} is running but Jupyter did not start "
                     f"within {options.server_timeout:.0f} s",
                     hint=f"the job is cancelled; its log is {output}",
-                    details=_tail(text),
+                    details=_tail(text, token=token),
                 )
             status(f"job {job.id} running on {info.node_list or '?'}, waiting for Jupyter")
         elif info.is_terminal:
             text = _read(transport, output or _safe_output(job))
-            raise JupyterError(f"job {info.describe()} ended before Jupyter started", details=_tail(text))
+            raise JupyterError(
+                f"job {info.describe()} ended before Jupyter started", details=_tail(text, token=token)
+            )
         elif info.phase is Phase.PENDING:
             if options.queue_timeout is not None and now - start > options.queue_timeout:
                 raise WaitTimeout(
@@ -318,8 +326,8 @@ def _safe_output(job: Job) -> str | None:
         return None
 
 
-def _tail(text: str, lines: int = LOG_TAIL_LINES) -> str:
-    tail = [line for line in text.splitlines() if line.strip()][-lines:]
+def _tail(text: str, lines: int = LOG_TAIL_LINES, *, token: str | None = None) -> str:
+    tail = [redact(line, token) for line in text.splitlines() if line.strip()][-lines:]
     return "last lines of the job's log:\n" + (
         "\n".join("  " + line for line in tail) if tail else "  (empty)"
     )

@@ -25,6 +25,7 @@ import socket
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -35,6 +36,7 @@ from hpclaunch.errors import (
     ConfigError,
     ConnectionFailed,
     HostKeyError,
+    HpclaunchWarning,
     TransportError,
 )
 from hpclaunch.transport import relay
@@ -274,6 +276,19 @@ class _Connection:
         for transport in reversed(self.transports):
             with contextlib.suppress(Exception):
                 transport.close()
+
+
+def _warn_if_exposed(path: str) -> None:
+    """OpenSSH refuses a private key file that others can read; we use it, but say how to fix it."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if mode & 0o066:
+        how = "readable" if mode & 0o044 else "writable"
+        warnings.warn(
+            f"SSH key {path} is {how} by other users; run: chmod 600 {path}", HpclaunchWarning, stacklevel=2
+        )
 
 
 def _reason(exc: BaseException) -> str:
@@ -628,6 +643,7 @@ class SSHTransport(Transport):
             blob = file_blobs[path]
             if blob is not None and blob in tried_blobs:
                 continue  # the agent already offered this one
+            _warn_if_exposed(path)
             try:
                 key = paramiko.PKey.from_path(path)
             except (paramiko.PasswordRequiredException, TypeError) as exc:

@@ -100,6 +100,7 @@ def test_wrong_key_is_one_line(cli_env: dict[str, str], tmp_path: Path, dev_clus
         '[clusters.dev]\nhost = "127.0.0.1"\nport = 2222\nuser = "hpcuser"\n'
         f'identity_file = "{key}"\nssh_config = "{tmp_path / "empty_ssh_config"}"\n'
     )
+    config.chmod(0o600)
     (tmp_path / "empty_ssh_config").write_text(
         f"Host *\n  UserKnownHostsFile {dev_cluster.known_hosts}\n  IdentitiesOnly yes\n"
     )

@@ -86,6 +86,7 @@ def test_bad_input_is_one_line(
 def test_config_syntax_error_is_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "config.toml"
     bad.write_text("[clusters.x\n")
+    bad.chmod(0o600)
     result = run_cli("config", "show", env={"HPCLAUNCH_CONFIG": str(bad)})
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and str(bad) in result.stderr and "not valid TOML" in result.stderr
