@@ -13,6 +13,7 @@ import json
 import subprocess
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -80,7 +81,7 @@ def test_nasty_names_and_arguments_round_trip_through_sbatch(tmp_path: Path) -> 
     jobs = []
     with Cluster(Profile(name="root-slurm", workdir=str(work)), partition="debug", time="2") as cluster:
         for i, name in enumerate(NAMES):
-            extra: dict[str, object] = {}
+            extra: dict[str, Any] = {}
             if i == 0:
                 extra = {"output": str(out_dir / "job %j.out"), "sbatch_options": [f"--comment={comment}"]}
             args = [name, *ARGS]
