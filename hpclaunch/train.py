@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import posixpath
 import re
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,9 @@ RESULT_FILES = ("metrics.csv", "plot.png", "model.pt", "checkpoint.pt")
 
 @dataclass(frozen=True)
 class TrainOptions:
-    python: str = "python3"
+    #: Interpreter on the nodes; None: ``python3`` after the setup lines, or this very Python for the
+    #: built-in ``local`` profile (whose jobs run here, where hpclaunch[train] is installed).
+    python: str | None = None
     signal_lead: int = 90
     max_requeues: int = 3
 
@@ -57,6 +60,11 @@ def resolve_script(name_or_path: str) -> tuple[Path, list[Path]]:
         f"unknown training job {name_or_path!r}",
         hint="bundled: " + ", ".join(jobs) + "; or give a path to your own .py script",
     )
+
+
+def default_python(cluster: Cluster) -> str:
+    """``python3`` as the setup lines leave it; for the ``local`` profile, the Python running hpclaunch."""
+    return sys.executable if cluster.profile.scheduler == "local" else "python3"
 
 
 def gpus_per_node(cluster: Cluster, partition: str | None) -> int | None:
@@ -123,7 +131,7 @@ def submit(
         "train": {
             "script": posixpath.join(run_dir, "code", script.name),
             "args": list(script_args),
-            "python": options.python,
+            "python": options.python or default_python(cluster),
             "signal_lead": options.signal_lead,
             "max_requeues": options.max_requeues,
         }

@@ -28,10 +28,11 @@ Arguments after `--` go to the training script.
 @job_options()
 @click.option(
     "--python",
-    default="python3",
+    default=None,
     envvar="HPCLAUNCH_PYTHON",
     show_envvar=True,
-    help="Python interpreter on the nodes (after the profile's setup lines).",
+    help="Python interpreter on the nodes [default: python3 after the profile's setup lines; "
+    "this Python for the local profile].",
 )
 @click.option(
     "--max-requeues",
@@ -57,7 +58,7 @@ def command(
     /,
     job: str,
     script_args: tuple[str, ...],
-    python: str,
+    python: str | None,
     max_requeues: int,
     signal_lead: int,
     follow: bool,
