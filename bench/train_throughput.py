@@ -182,6 +182,13 @@ def main() -> None:
         "--workers", type=int, default=0, help="textbook DataLoader num_workers (examples: 0 on CPU)"
     )
     p.add_argument("--ablation", action="store_true", help="also run the bundled job with --no-channels-last")
+    p.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="ARGS",
+        help="also run the bundled job with these extra arguments, e.g. --also='--batch-size 256 --lr 4e-3'",
+    )
     args = p.parse_args()
     if args.quick:
         args.train, args.test, args.epochs = 4000, 1000, 2
@@ -195,6 +202,10 @@ def main() -> None:
     if args.ablation:
         runs[f"bundled --no-channels-last (batch {bs})"] = lambda data, tmp: bundled(
             data, tmp / "run-nocl", args.epochs, ["--device", "cpu", "--no-channels-last"]
+        )
+    for extra in args.also:
+        runs[f"bundled {extra}"] = lambda data, tmp, extra=extra: bundled(
+            data, tmp / "run-also", args.epochs, ["--device", "cpu", *extra.split()]
         )
     runs["textbook (DataLoader, batch 64)"] = lambda data, tmp: textbook(
         data, args.epochs, lr, gamma, 64, args.workers, "cpu"

@@ -14,6 +14,7 @@ under `srun`; see hpctrain.py next to this file. Exit status: 0 done, 2 bad argu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -144,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="random crop + horizontal flip on the device",
     )
     args = parser.parse_args(argv)
-    task = TASK if args.augment else hpctrain.Task(**{**vars(TASK), "augment": None})
+    task = TASK if args.augment else dataclasses.replace(TASK, augment=None)
     return hpctrain.main(task, parser, argv)
 
 

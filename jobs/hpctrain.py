@@ -5,13 +5,30 @@ data files -> tensors (loaded once, normalised once, kept on the GPU when there 
 distributed setup (torchrun env, else Slurm via submitit, else one process), the training loop,
 atomic checkpoints with resume, preemption by signal, ``metrics.csv`` and ``plot.png``.
 
-Contract with the Slurm template (see ``EXIT_PREEMPTED`` and ``StopFlag``):
-  * run one process per task with ``srun``; rank/world/master come from SLURM_* variables, the
-    rendezvous port is ``20000 + SLURM_JOB_ID % 20000`` unless MASTER_PORT is set;
-  * SIGUSR2 (preemption / time-limit warning) or SIGTERM make every rank stop after the current
-    step, rank 0 writes ``checkpoint.pt`` and the processes exit with ``EXIT_PREEMPTED`` (75);
-  * ``--signal=B:USR2@90`` only signals the batch shell: the template must forward it to the step
-    (``srun ... & trap 'kill -USR2 $pid' USR2; wait``; srun relays the signal to every task).
+Contract with the Slurm template (tried on the dev cluster, Slurm 22.05):
+  * one process per task with ``srun``; rank, world size, local rank and the master node come from
+    SLURM_* variables through submitit's TorchDistributedEnvironment, the rendezvous port is
+    ``20000 + SLURM_JOB_ID % 20000`` unless MASTER_PORT is set. Only an srun step (SLURM_STEP_ID
+    set) counts: python started straight from the batch shell is one process whatever --ntasks says.
+    torchrun's RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT win when present.
+  * SIGUSR2 (preemption / time-limit warning) or SIGTERM: every rank stops after the current step
+    (ranks agree every ``STOP_SYNC_EVERY`` steps), rank 0 writes ``checkpoint.pt`` and all exit
+    with ``EXIT_PREEMPTED`` (75). A restart with the same --run-dir continues at that very step.
+  * ``--signal=B:USR2@90`` signals only the batch shell: the template forwards it to the step, whose
+    srun relays it to every task::
+
+        srun python job.py ... &
+        pid=$!
+        trap 'kill -USR2 $pid' USR2
+        while :; do wait $pid; rc=$?; kill -0 $pid 2>/dev/null || break; done
+        [ $rc -eq 75 ] && scontrol requeue "$SLURM_JOB_ID"   # unless the job has --requeue-on-signal
+        exit $rc
+
+  * the run directory must be the same after a requeue (HPCLAUNCH_RUN_DIR), and ``--open-mode=append``
+    keeps the first attempt's log.
+
+metrics.csv has one row per completed epoch: mean train loss, test accuracy, training images/s
+(all ranks), and elapsed_s, the training + evaluation time of the whole run across restarts.
 """
 
 from __future__ import annotations
@@ -697,6 +714,7 @@ def save_checkpoint(
             "elapsed_s": prog.elapsed_s,
             "history": prog.history,
             "world_size": env.world_size,
+            "batch_size": args.batch_size,
             "rng": _rng_state(device),
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         },
@@ -705,7 +723,13 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: Path, task: Task, model: nn.Module, opt: torch.optim.Optimizer, env: DistEnv, device: torch.device
+    path: Path,
+    task: Task,
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    env: DistEnv,
+    device: torch.device,
+    batch_size: int,
 ) -> Progress:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -722,7 +746,8 @@ def load_checkpoint(
     prog = Progress(
         epoch=int(ckpt["epoch"]), elapsed_s=float(ckpt["elapsed_s"]), history=list(ckpt["history"])
     )
-    if ckpt["step"] and ckpt["world_size"] == env.world_size:
+    same_steps = ckpt["world_size"] == env.world_size and ckpt.get("batch_size") == batch_size
+    if ckpt["step"] and same_steps:
         prog.step = int(ckpt["step"])
         prog.train_s = float(ckpt["partial"]["train_s"])
         if (
@@ -731,9 +756,10 @@ def load_checkpoint(
             prog.loss_sum = float(ckpt["partial"]["loss_sum"])
             prog.seen = int(ckpt["partial"]["seen"])
     elif ckpt["step"] and env.main:
+        # Another world size or batch size cuts the epoch into other steps: "step N" means nothing now.
         log(
-            f"checkpoint stopped inside epoch {prog.epoch + 1} with {ckpt['world_size']} processes, "
-            f"now {env.world_size}: redoing that epoch from its start"
+            f"checkpoint stopped inside epoch {prog.epoch + 1} with {ckpt['world_size']} process(es) x "
+            f"batch {ckpt.get('batch_size')}, now {env.world_size} x {batch_size}: redoing that epoch"
         )
     return prog
 
@@ -829,7 +855,7 @@ def run(task: Task, args: argparse.Namespace) -> int:
     ckpt_path = run_dir / CHECKPOINT
     prog = Progress()
     if args.resume and not args.dry_run and ckpt_path.is_file():
-        prog = load_checkpoint(ckpt_path, task, model, opt, env, device)
+        prog = load_checkpoint(ckpt_path, task, model, opt, env, device, args.batch_size)
         if env.main:
             where = f" (continuing inside epoch {prog.epoch + 1} at step {prog.step})" if prog.step else ""
             log(f"resumed from epoch {prog.epoch}{where}")

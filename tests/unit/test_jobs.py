@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -217,20 +218,13 @@ def test_missing_data_is_one_line_exit_2(script: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("script", [MNIST, CIFAR], ids=["mnist", "cifar10"])
 def test_dry_run(script: Path, tmp_path: Path) -> None:
-    # Run from another directory: the script finds hpctrain.py next to itself.
-    proc = run_job(
-        script,
-        "--dataset",
-        "synthetic",
-        "--limit-train",
-        "300",
-        "--limit-test",
-        "100",
-        "--dry-run",
-        "--run-dir",
-        tmp_path / "run",
-        cwd=tmp_path,
-    )
+    # Staged as hpclaunch does (the script plus hpctrain.py, nothing else) and started from elsewhere.
+    stage = tmp_path / "stage"
+    stage.mkdir()
+    for f in (script, JOBS / "hpctrain.py"):
+        shutil.copy(f, stage / f.name)
+    args = "--dataset synthetic --limit-train 300 --limit-test 100 --batch-size 32 --dry-run".split()
+    proc = run_job(stage / script.name, *args, "--run-dir", tmp_path / "run", cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "dry run ok: 1 training batch" in proc.stdout
     assert not (tmp_path / "run").exists()
