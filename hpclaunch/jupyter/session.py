@@ -218,6 +218,7 @@ def connect(
         if (options.tunnel or cluster.profile.tunnel) == "node":
             # Jupyter listens on the node's 127.0.0.1: log in to the node through the login host.
             via = stack.enter_context(node_transport(cluster, location.host))
+            via.connect()  # now: a refused login says why, instead of a silent tunnel until the timeout
             target_host = "127.0.0.1"
         forward: Forward = stack.enter_context(
             via.forward(target_host, location.port, local_port=options.local_port)

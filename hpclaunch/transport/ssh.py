@@ -54,6 +54,9 @@ if TYPE_CHECKING:
     import paramiko
 
 log = logging.getLogger(__name__)
+# paramiko logs a refused channel at ERROR; with logging unconfigured that lands on stderr as stray lines
+# next to our one-line errors (which carry the reason). An application's own handlers still get it.
+logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 T = TypeVar("T")
 
