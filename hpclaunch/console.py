@@ -71,3 +71,30 @@ def no_interrupts() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def _interrupt_once(signum: int, frame: object) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def interrupt_once() -> Iterator[None]:
+    """For the CLI process only: the first Ctrl-C raises KeyboardInterrupt, later ones are ignored.
+
+    The first one starts the cleanup (cancel the job, close the tunnel) and the exit; a second press
+    a moment later must not cut that short, nor kill the process during its exit (Python puts Ctrl-C
+    back to the OS default while shutting down). Without an interrupt the previous handler comes back.
+    """
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler  # e.g. ignored by nohup
+    ):
+        yield
+        return
+    signal.signal(signal.SIGINT, _interrupt_once)
+    try:
+        yield
+    finally:
+        if signal.getsignal(signal.SIGINT) is _interrupt_once:
+            signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from ..console import interrupt_once
 from ..errors import HpclaunchError, HpclaunchWarning
 from .context import AppContext
 
@@ -132,7 +133,7 @@ def _show_warning(
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the CLI and turns errors into one line and an exit code."""
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), interrupt_once():
         warnings.simplefilter("once", HpclaunchWarning)  # once per run, wherever it comes from
         warnings.showwarning = _show_warning
         _main(argv)
