@@ -351,6 +351,8 @@ class SSHTransport(Transport):
         self._conn: _Connection | None = None
         #: How many times a broken connection was replaced (by ``reconnect`` or transparently).
         self.reconnects = 0
+        # A connection was lost and not yet replaced (a login may fail a few times in between).
+        self._lost = False
 
     @property
     def description(self) -> str:
@@ -369,15 +371,17 @@ class SSHTransport(Transport):
     def reconnect(self) -> None:
         """Drop the connection (alive or not) and log in again; raises ConnectionFailed on failure."""
         with self._lock:
-            had = self._conn is not None
+            self._lost = self._lost or self._conn is not None
             self._drop()
             self._conn = self._open()
-            if had:
+            if self._lost:
+                self._lost = False
                 self.reconnects += 1
 
     def close(self) -> None:
         with self._lock:
             self._drop()
+            self._lost = False
 
     def _drop(self) -> None:
         with self._lock:
@@ -393,10 +397,11 @@ class SSHTransport(Transport):
         with self._lock:
             if self._conn is not None and self._conn.alive():
                 return self._conn
-            had = self._conn is not None
+            self._lost = self._lost or self._conn is not None
             self._drop()
             self._conn = self._open()
-            if had:
+            if self._lost:
+                self._lost = False
                 self.reconnects += 1
                 log.info("reconnected to %s", self.description)
             return self._conn
@@ -408,6 +413,7 @@ class SSHTransport(Transport):
         with self._lock:
             if self._conn is conn:
                 self._drop()
+                self._lost = True
         return True
 
     def _open(self) -> _Connection:

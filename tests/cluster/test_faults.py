@@ -790,6 +790,11 @@ def test_double_ctrl_c_with_the_tunnel_open_still_cleans_up(cli_env: dict[str, s
 # -- 6. a 100 MB log ------------------------------------------------------------------------------------
 
 
+def _rss_kib() -> int:
+    status = Path("/proc/self/status").read_text()
+    return int(next(line for line in status.splitlines() if line.startswith("VmRSS:")).split()[1])
+
+
 def test_following_a_100_mb_log_uses_constant_memory(cluster: Cluster) -> None:
     size = 100 * 1024 * 1024
     line = "0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ-0123456789"
@@ -799,24 +804,27 @@ def test_following_a_100_mb_log_uses_constant_memory(cluster: Cluster) -> None:
     try:
         counted = 0
         chunks = 0
-        biggest = 0
+        rss_before = rss_max = _rss_kib()
         tracemalloc.start()
         try:
             tracemalloc.reset_peak()
             t0 = time.monotonic()
-            for chunk in job.follow():
+            for chunk in job.follow():  # each chunk is consumed and dropped, as a terminal would
                 counted += len(chunk.encode("utf-8"))
                 chunks += 1
-                biggest = max(biggest, len(chunk))
+                if chunks % 50 == 0:
+                    rss_max = max(rss_max, _rss_kib())
                 assert time.monotonic() - t0 < 120, "following took too long"
             _, peak = tracemalloc.get_traced_memory()
         finally:
             tracemalloc.stop()
         output = Path(job.output_path())
-        assert output.stat().st_size == size
-        assert counted == size
+        # Every byte of the file (100 MiB from the job plus the template's start line), counted once.
+        assert counted == output.stat().st_size >= size
         assert chunks > 100  # read in pieces, never as one 100 MB string
-        assert peak < 8 * 1024 * 1024, f"peak traced memory {peak / 1e6:.1f} MB while following 100 MB"
+        # Measured: about 0.35 MB traced at the peak and no RSS growth.
+        assert peak < 2 * 1024 * 1024, f"peak traced memory {peak / 1e6:.1f} MB while following 100 MB"
+        assert rss_max - rss_before < 20 * 1024, f"RSS grew by {(rss_max - rss_before) / 1024:.0f} MB"
         assert job.info().state is JobState.COMPLETED
     finally:
         scancel(job.id)
