@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import re
 import shutil
 import subprocess
@@ -154,13 +155,11 @@ def test_user_script_is_staged_and_run(cli_env: dict[str, str], tmp_path: Path) 
 def test_train_bad_input_is_one_line_before_submission(
     cli_env: dict[str, str], args: list[str], needle: str
 ) -> None:
-    before = subprocess.run(
-        ["squeue", "-h", "-u", "hpcuser", "-o", "%i"], capture_output=True, text=True
-    ).stdout
-    result = run_hpclaunch(cli_env, *args)
+    name = f"hpclaunch-badinput-{os.getpid()}-{time.monotonic_ns()}"
+    result = run_hpclaunch(cli_env, *args[:2], "--job-name", name, *args[2:])
     assert result.returncode != 0
     assert len(result.stderr.strip().splitlines()) == 1 and needle in result.stderr, result.stderr
-    after = subprocess.run(
-        ["squeue", "-h", "-u", "hpcuser", "-o", "%i"], capture_output=True, text=True
+    names = subprocess.run(
+        ["squeue", "-h", "-u", "hpcuser", "-o", "%j"], capture_output=True, text=True
     ).stdout
-    assert set(after.split()) <= set(before.split())  # nothing submitted
+    assert name not in names.split()  # nothing submitted
