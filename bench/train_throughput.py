@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "jobs"))
 sys.path.insert(0, str(ROOT / "tests"))
+sys.dont_write_bytecode = True  # jobs/ ships in the wheel: no __pycache__ there
 import datagen  # noqa: E402
 import hpctrain  # noqa: E402
 import mnist_lenet5  # noqa: E402

@@ -52,7 +52,7 @@ import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.distributed as dist
@@ -848,7 +848,7 @@ def run(task: Task, args: argparse.Namespace) -> int:
 
     model = task.build_model(args).to(device)
     if channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     opt = task.build_optimizer(model.parameters(), args, device)
 
     ckpt_path = run_dir / CHECKPOINT
@@ -862,7 +862,7 @@ def run(task: Task, args: argparse.Namespace) -> int:
         # After a restart metrics.csv must agree with the checkpoint: rewrite it from the history.
         write_metrics(run_dir / METRICS, prog.history)
 
-    fast = torch.compile(model) if use_compile else model
+    fast = cast(nn.Module, torch.compile(model)) if use_compile else model
     # DDP wraps the (compiled) module; evaluation bypasses DDP so uneven eval slices cannot stall
     # its buffer broadcasts.
     train_model: nn.Module = fast

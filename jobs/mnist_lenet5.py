@@ -20,9 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# The shared module is staged next to this script; make it importable from any working directory.
+# The shared module is staged next to this script; make it importable from any working directory,
+# without leaving a __pycache__ in the (shared, staged) job directory.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import hpctrain
+sys.dont_write_bytecode = True
+import hpctrain  # noqa: E402
 
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 
