@@ -307,12 +307,12 @@ def test_controller_outage_is_unknown_then_the_real_end_is_reported(
         command=["bash", "-c", "echo begin; sleep 8; echo end"],
         job_name=unique("hpclaunch-fault-ctld"),
     )
+    transport = _SlurmConfTransport(dev_cluster.ssh_alias, ssh_config_path=str(dev_cluster.ssh_config))
     try:
         wait_state(job.id, {"RUNNING"}, timeout=30)
 
         # Two clients wait over SSH as hpcuser: one as shipped (a dead controller makes squeue hang, then
         # it retries for 30 s), one tuned to give up fast so the UNKNOWN rounds show within seconds.
-        transport = _SlurmConfTransport(dev_cluster.ssh_alias, ssh_config_path=str(dev_cluster.ssh_config))
         transport.slurm_conf = quick_slurm_conf
         fast = Cluster("dev", config=dev_config, transport=transport)
         fast_client = fast.scheduler
@@ -374,8 +374,8 @@ def test_controller_outage_is_unknown_then_the_real_end_is_reported(
             r"Unable to contact slurm controller|Socket timed out|Connection refused", unknown[0].reason or ""
         )
         assert "end" in job.logs().split()
-        fast.close()
     finally:
+        transport.close()
         scancel(job.id)
 
 
