@@ -60,31 +60,43 @@ def say(message: str) -> None:
     sys.stderr.flush()
 
 
+#: Signals that end the CLI the way Ctrl-C does: a closed terminal (HUP) or `kill`/`timeout` (TERM)
+#: must cancel the job and close the tunnel too, not leave a notebook running for hours.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def no_interrupts() -> contextlib.AbstractContextManager[None]:
+    """Hold off Ctrl-C (and TERM, HUP) while cleaning up, so a second one cannot leave a half state."""
+    return _ignoring(STOP_SIGNALS)
+
+
 @contextlib.contextmanager
-def no_interrupts() -> Iterator[None]:
-    """Hold off Ctrl-C while cleaning up, so a second one cannot leave a half-cancelled state."""
+def _ignoring(signals: tuple[signal.Signals, ...]) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in signals}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _interrupt_once(signum: int, frame: object) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
 def interrupt_once() -> Iterator[None]:
-    """For the CLI process only: the first Ctrl-C raises KeyboardInterrupt, later ones are ignored.
+    """For the CLI process only: the first Ctrl-C, TERM or HUP raises KeyboardInterrupt; later ones
+    are ignored.
 
     The first one starts the cleanup (cancel the job, close the tunnel) and the exit; a second press
     a moment later must not cut that short, nor kill the process during its exit (Python puts Ctrl-C
-    back to the OS default while shutting down). Without an interrupt the previous handler comes back.
+    back to the OS default while shutting down). Without an interrupt the previous handlers come back.
     """
     if (
         threading.current_thread() is not threading.main_thread()
@@ -92,9 +104,13 @@ def interrupt_once() -> Iterator[None]:
     ):
         yield
         return
-    signal.signal(signal.SIGINT, _interrupt_once)
+    previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+    for sig in STOP_SIGNALS:
+        if previous[sig] is not signal.SIG_IGN:  # nohup's ignored HUP stays ignored
+            signal.signal(sig, _interrupt_once)
     try:
         yield
     finally:
-        if signal.getsignal(signal.SIGINT) is _interrupt_once:
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+        for sig, handler in previous.items():
+            if signal.getsignal(sig) is _interrupt_once:
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)

@@ -200,11 +200,14 @@ def test_notebook_url_token_kernel_and_secrecy(notebook: Running, dev_cluster: D
         assert mode & 0o077 == 0, f"{path} is readable by others: {oct(mode)}"
 
 
-def test_sigint_cancels_job_and_frees_port(cli_env: dict[str, str]) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_sigint_cancels_job_and_frees_port(cli_env: dict[str, str], sig: signal.Signals) -> None:
+    """Ctrl-C, `kill` and a closed terminal all end the session cleanly."""
     run = start_jupyter(cli_env)
     assert squeue_has(run.job_id)
     t0 = time.monotonic()
-    assert stop(run) == 0
+    run.proc.send_signal(sig)
+    assert run.proc.wait(timeout=30) == 0
     while squeue_has(run.job_id):
         assert time.monotonic() - t0 < 5, "job still in the queue 5 s after Ctrl-C"
         time.sleep(0.1)
