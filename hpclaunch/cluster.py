@@ -135,10 +135,19 @@ class Cluster:
         command: Sequence[str] = (),
         variables: Mapping[str, Any] | None = None,
         run_dir: str | None = None,
+        context: Mapping[str, Any] | None = None,
         **params: Any,
     ) -> str:
-        """The job script ``template`` renders to, with nothing submitted."""
-        script, _, _ = self._prepare(template, command, variables, run_dir, params)
+        """The job script ``template`` renders to, with nothing submitted.
+
+        ``context`` adds template variables; the built-in ``jupyter`` template gets its defaults.
+        """
+        if template == "jupyter" and context is None:
+            from .jupyter.session import JupyterOptions, template_context
+
+            run_dir = run_dir or self.new_run_dir("hpclaunch-jupyter")
+            context = template_context(self, JupyterOptions(), f"{run_dir}/jupyter.token")
+        script, _, _ = self._prepare(template, command, variables, run_dir, params, context)
         return script
 
     def _prepare(

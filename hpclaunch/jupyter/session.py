@@ -99,7 +99,6 @@ def start(
     status: Status = lambda _msg: None,
 ) -> Session:
     """Submit a notebook job and return a verified session; on any failure the job is cancelled."""
-    tunnel = options.tunnel or cluster.profile.tunnel
     params = validate_params(params)  # a bad value is refused before a run directory and token exist
     params.setdefault("job_name", JOB_PREFIX)
     token = new_token()
@@ -108,15 +107,8 @@ def start(
     transport.makedirs(run_dir, mode=0o700)
     token_path = f"{run_dir}/{TOKEN_FILE}"
     transport.write_text(token_path, token, mode=0o600)  # read verbatim by jupyter_server: no newline
-    variables = {
-        "app": options.app,
-        "bind": "loopback" if tunnel == "node" else "node",
-        "token_file": token_path,
-        "idle_timeout": options.idle_timeout,
-        "root_dir": transport.expand(options.root_dir),
-        "startup_timeout": options.startup_timeout,
-    }
-    job = cluster.submit_prepared("jupyter", run_dir=run_dir, context={"jupyter": variables}, params=params)
+    context = template_context(cluster, options, token_path)
+    job = cluster.submit_prepared("jupyter", run_dir=run_dir, context=context, params=params)
     status(f"submitted job {job.id}")
     try:
         location = wait_for_server(job, options, status=status, token=token)
@@ -126,6 +118,21 @@ def start(
         with no_interrupts(), contextlib.suppress(HpclaunchError):
             job.cancel()
         raise
+
+
+def template_context(cluster: Cluster, options: JupyterOptions, token_path: str) -> dict[str, Any]:
+    """What ``templates/jupyter.sbatch.j2`` needs besides the job parameters."""
+    tunnel = options.tunnel or cluster.profile.tunnel
+    return {
+        "jupyter": {
+            "app": options.app,
+            "bind": "loopback" if tunnel == "node" else "node",
+            "token_file": token_path,
+            "idle_timeout": options.idle_timeout,
+            "root_dir": cluster.transport.expand(options.root_dir),
+            "startup_timeout": options.startup_timeout,
+        }
+    }
 
 
 def attach(

@@ -80,8 +80,12 @@ def test_wheel_ships_templates_and_jobs_and_renders(tmp_path: Path) -> None:
         cwd=tmp_path,
         env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
     )
-    # `jupyter` needs its own context from the jupyter command; rendering it bare names what is missing.
-    assert "undefined variable" in rendered.stderr
+    # The notebook template renders from the wheel too, with the notebook defaults.
+    assert rendered.returncode == 0, rendered.stderr
+    assert (
+        "HPCLAUNCH_JUPYTER_READY" in rendered.stdout
+        and "JUPYTER_TOKEN_FILE=/r/jupyter.token" in rendered.stdout
+    )
     rendered = subprocess.run(
         [
             str(fresh / "bin" / "python"),
