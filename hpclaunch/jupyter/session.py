@@ -168,15 +168,21 @@ def wait_for_server(
     output = job.output_path_hint()
     start = time.monotonic()
     running_since: float | None = None
+    log = _LogReader(transport)
+    info = job.info()
+    next_state_check = time.monotonic()
     delay = 0.05
     while True:
-        info = job.info()
         now = time.monotonic()
+        if now >= next_state_check:
+            info = job.info()
+            # While it runs only the log matters: ask Slurm about once a second, read the log often.
+            next_state_check = now + (1.0 if info.phase is Phase.RUNNING else 0.0)
         if info.phase is Phase.RUNNING:
             running_since = running_since or now
             if output is None:
                 output = job.output_path()
-            text = _read(transport, output)
+            text = log.read(output)
             location = find_server(text)
             # Our template announces readiness with its marker after the server answers; Jupyter's own
             # banner comes earlier and names the bind address, which may not be reachable from outside.
@@ -190,12 +196,14 @@ def wait_for_server(
                     details=_tail(text, token=token),
                 )
             status(f"job {job.id} running on {info.node_list or '?'}, waiting for Jupyter")
-        elif info.is_terminal:
+            time.sleep(0.05)
+            continue
+        if info.is_terminal:
             text = _read(transport, output or _safe_output(job))
             raise JupyterError(
                 f"job {info.describe()} ended before Jupyter started", details=_tail(text, token=token)
             )
-        elif info.phase is Phase.PENDING:
+        if info.phase is Phase.PENDING:
             if options.queue_timeout is not None and now - start > options.queue_timeout:
                 raise WaitTimeout(
                     f"job {job.id} still pending after {options.queue_timeout:.0f} s "
@@ -207,6 +215,24 @@ def wait_for_server(
             status(f"job {job.id}: {info.state.value}")
         time.sleep(delay)
         delay = min(0.5, delay * 1.4)
+
+
+class _LogReader:
+    """Reads a growing job log from where it left off (the whole file is re-read by nobody)."""
+
+    def __init__(self, transport: Any) -> None:
+        self.transport = transport
+        self.offset = 0
+        self.text = ""
+
+    def read(self, path: str) -> str:
+        try:
+            data = self.transport.read_bytes(path, offset=self.offset)
+        except TransportError:  # not created yet
+            return self.text
+        self.offset += len(data)
+        self.text += data.decode("utf-8", errors="replace")
+        return self.text
 
 
 def connect(
