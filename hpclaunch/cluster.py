@@ -271,8 +271,13 @@ class Cluster:
         return Job(self, job_id, run_dir=run_dir, name=given.get("job_name") or path.name)
 
     def job(self, job_id: str | int) -> Job:
-        """Reattach to any job by id (submitted from anywhere)."""
-        return Job(self, str(job_id))
+        """Reattach to any job by id (submitted from anywhere); a malformed id is refused here."""
+        from .slurm.parse import is_job_id
+
+        text = str(job_id).strip()
+        if not is_job_id(text):
+            raise ParameterError(f"{text!r} is not a job id", hint="job ids look like 1234 or 1234_5")
+        return Job(self, text)
 
     def jobs(self, name_prefix: str | None = None) -> list[Job]:
         """The user's jobs in the queue, optionally only those whose name starts with ``name_prefix``."""

@@ -14,6 +14,7 @@ from .context import AppContext
 def command(app: AppContext, job_ids: tuple[str, ...]) -> None:
     """Cancel the jobs JOB_IDS."""
     cluster = app.cluster()
-    for job_id in job_ids:
-        cluster.job(job_id).cancel()
-        say(f"cancelled job {job_id}")
+    jobs = [cluster.job(job_id) for job_id in job_ids]  # every id checked before any is cancelled
+    for job in jobs:
+        job.cancel()
+        say(f"cancelled job {job.id}")

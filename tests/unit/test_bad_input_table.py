@@ -125,12 +125,12 @@ ARGUMENT_BAD: dict[tuple[str, str], tuple[tuple[str, ...], str]] = {
     ("submit", "COMMAND"): (("submit", "run", "--", "echo", "a\x00b"), "control character"),
     ("train", "JOB"): (("train", "nope"), "unknown training job 'nope'"),
     ("train", "SCRIPT_ARGS"): (("train", "mnist_lenet5", "--", "--epochs", "1\n2"), "control character"),
-    ("attach", "JOB_ID"): (("attach", "12;rm"), "not a local job id"),
-    ("cancel", "JOB_IDS"): (("cancel", "$(id)"), "not a local job id"),
-    ("stop", "JOB_IDS"): (("stop", "x"), "not a local job id"),
+    ("attach", "JOB_ID"): (("attach", "12;rm"), "is not a job id"),
+    ("cancel", "JOB_IDS"): (("cancel", "$(id)"), "is not a job id"),
+    ("stop", "JOB_IDS"): (("stop", "x"), "is not a job id"),
     ("status", "JOB_IDS"): (("status", "1", "abc"), "not a local job id"),
-    ("logs", "JOB_ID"): (("logs", "1 2"), "not a local job id"),
-    ("fetch", "JOB_ID"): (("fetch", "abc"), "not a local job id"),
+    ("logs", "JOB_ID"): (("logs", "1 2"), "is not a job id"),
+    ("fetch", "JOB_ID"): (("fetch", "abc"), "is not a job id"),
     ("fetch", "DEST"): (("fetch", "1", "{tmp}/afile"), "is a file"),
 }
 

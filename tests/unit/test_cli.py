@@ -115,3 +115,16 @@ def test_render_prints_script(local_config: dict[str, str]) -> None:
     )
     assert result.returncode == 0, result.stderr
     assert "#SBATCH --gres=gpu:2" in result.stdout and "echo 'hi there'" in result.stdout
+
+
+def test_cancel_checks_every_id_before_cancelling_any(local_config: dict[str, str], tmp_path: Path) -> None:
+    submitted = run_cli("submit", "run", "--", "sleep", "30", env=local_config, cwd=tmp_path)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = submitted.stdout.strip()
+    try:
+        refused = run_cli("cancel", job_id, "not-an-id", env=local_config, cwd=tmp_path)
+        assert refused.returncode != 0 and "'not-an-id' is not a job id" in refused.stderr
+        status = run_cli("status", job_id, "--json", env=local_config, cwd=tmp_path)
+        assert '"RUNNING"' in status.stdout or '"PENDING"' in status.stdout, status.stdout
+    finally:
+        run_cli("cancel", job_id, env=local_config, cwd=tmp_path)
