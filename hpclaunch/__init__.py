@@ -27,7 +27,8 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from .array import ArrayJob
-    from .cluster import Cluster, Job
+    from .cluster import Cluster
+    from .job import Job
     from .jupyter.session import JupyterOptions, Session
     from .slurm.states import JobInfo, JobState
     from .train import TrainOptions
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 _LAZY = {
     "ArrayJob": ("hpclaunch.array", "ArrayJob"),
     "Cluster": ("hpclaunch.cluster", "Cluster"),
-    "Job": ("hpclaunch.cluster", "Job"),
+    "Job": ("hpclaunch.job", "Job"),
     "JobInfo": ("hpclaunch.slurm.states", "JobInfo"),
     "JobState": ("hpclaunch.slurm.states", "JobState"),
     "JupyterOptions": ("hpclaunch.jupyter.session", "JupyterOptions"),

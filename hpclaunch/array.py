@@ -29,7 +29,8 @@ from .params import reject_control_chars
 from .render import shell_quote
 
 if TYPE_CHECKING:
-    from .cluster import Cluster, Job
+    from .cluster import Cluster
+    from .job import Job
     from .scheduler import UpdateCallback
     from .slurm.states import JobInfo
 
@@ -186,7 +187,7 @@ def submit_array(
     **common: Any,
 ) -> ArrayJob:
     """See :meth:`hpclaunch.cluster.Cluster.submit_array`."""
-    from .cluster import Job
+    from .job import Job
 
     tasks = check_params_list(params_list)
     spec = array_spec(len(tasks), max_concurrent)
@@ -255,7 +256,7 @@ def _submit_local_tasks(
 ) -> list[Job]:
     """The ``local`` backend has no arrays: run each task as its own background job with the
     ``SLURM_ARRAY_*`` variables a Slurm task sees (all at once; ``max_concurrent`` does not apply)."""
-    from .cluster import Job
+    from .job import Job
 
     out: list[Job] = []
     for index in range(count):
@@ -354,8 +355,8 @@ def attach_array(cluster: Cluster, array_id: str | int) -> ArrayJob:
     One squeue call finds its run directory (the job's working directory), whose ``params.jsonl``
     says how many tasks it has and what each one got.
     """
-    from .cluster import Job
     from .errors import SlurmError
+    from .job import Job
     from .slurm.parse import split_job_id
 
     array_id = str(array_id).strip()

@@ -15,7 +15,8 @@ from .params import validate_params
 from .render import data_dir
 
 if TYPE_CHECKING:
-    from .cluster import Cluster, Job
+    from .cluster import Cluster
+    from .job import Job
 
 #: Files a finished run leaves in its run directory, brought back by ``fetch``.
 RESULT_FILES = ("metrics.csv", "plot.png", "model.pt", "checkpoint.pt")

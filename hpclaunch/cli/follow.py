@@ -5,9 +5,9 @@ from __future__ import annotations
 import contextlib
 import sys
 
-from ..cluster import Job
 from ..console import no_interrupts, say
 from ..errors import HpclaunchError, JobFailed
+from ..job import Job
 
 LOG_TAIL_LINES = 15
 

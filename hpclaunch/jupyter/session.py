@@ -23,7 +23,8 @@ from .banner import ServerLocation, find_server
 from .token import new_token, redact
 
 if TYPE_CHECKING:
-    from ..cluster import Cluster, Job
+    from ..cluster import Cluster
+    from ..job import Job
     from ..transport.base import Forward, Transport
 
 JOB_PREFIX = "hpclaunch-jupyter"
