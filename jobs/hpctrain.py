@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import gc
 import gzip
 import hashlib
 import io
@@ -620,13 +621,23 @@ def main(task: Task, parser: argparse.ArgumentParser, argv: Sequence[str] | None
     args = parser.parse_args(argv)
     check_args(parser, args)
     try:
-        return run(task, args)
+        code = run(task, args)
     except DataError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr, flush=True)
-        return EXIT_USAGE
-    finally:
+        code = EXIT_USAGE
+    except BaseException:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+        raise
+    if dist.is_available() and dist.is_initialized():
+        gc.collect()  # drop DDP's reducer (reference cycles) while the process group still exists
+        dist.destroy_process_group()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # gloo's threads can abort() the process during interpreter teardown when the peer has already
+        # gone ("terminate called without an active exception"): leave without that teardown.
+        os._exit(code)
+    return code
 
 
 # ----------------------------------------------------------------------------------------------
