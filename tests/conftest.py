@@ -107,3 +107,14 @@ def _require_dev_cluster_for_cluster_tests(request: pytest.FixtureRequest) -> No
     """Every test marked ``cluster`` needs the dev cluster, whether or not it asks for the fixture."""
     if request.node.get_closest_marker("cluster") is not None:
         request.getfixturevalue("dev_cluster")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    """In CI no test may skip: a skip there means `.ci/run` failed to install or start something."""
+    outcome = yield
+    report = outcome.get_result()
+    if in_ci() and report.skipped and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.longrepr = f"skipped in CI, which must run every test: {reason}"
