@@ -228,7 +228,7 @@ def submit_array(
     transport = cluster.transport
     transport.makedirs(run_dir, mode=0o700)
     name = job["job_name"]
-    with cluster._removed_on_error(run_dir):
+    with cluster.removed_on_error(run_dir):
         for local_path, dest in (files or {}).items():
             transport.put(local_path, f"{run_dir}/{dest}")
         transport.write_text(f"{run_dir}/{PARAMS_FILE}", params_jsonl(tasks), mode=0o600)

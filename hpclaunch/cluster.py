@@ -204,7 +204,7 @@ class Cluster:
             return self._submit_script(Path(template_or_script), params)
         script, run_dir, job = self._prepare(template_or_script, command, variables, None, params)
         self.transport.makedirs(run_dir, mode=0o700)
-        with self._removed_on_error(run_dir):
+        with self.removed_on_error(run_dir):
             for local, name in (files or {}).items():
                 self.transport.put(local, f"{run_dir}/{name}")
             self.transport.write_text(f"{run_dir}/job.sbatch", script, mode=0o600)
@@ -213,7 +213,7 @@ class Cluster:
         return Job(self, job_id, run_dir=run_dir, name=job["job_name"], output=output)
 
     @contextlib.contextmanager
-    def _removed_on_error(self, run_dir: str) -> Iterator[None]:
+    def removed_on_error(self, run_dir: str) -> Iterator[None]:
         """A rejected submission leaves no run directory behind."""
         try:
             yield
@@ -243,7 +243,7 @@ class Cluster:
         Used by the notebook and training commands, which stage files there first.
         """
         # The caller made the run directory for this job: a refused one (a bad value) takes it away.
-        with self._removed_on_error(run_dir):
+        with self.removed_on_error(run_dir):
             script, run_dir, job = self._prepare(template, command, None, run_dir, params, context)
             self.transport.write_text(f"{run_dir}/job.sbatch", script, mode=0o600)
             job_id = self.scheduler.submit(script, workdir=run_dir)

@@ -6,11 +6,13 @@ cluster through it: one connection, one scheduler.
 
 from __future__ import annotations
 
+import codecs
 import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 from .errors import HpclaunchError
+from .transport.base import PathNotFound
 
 if TYPE_CHECKING:
     from .cluster import Cluster
@@ -36,6 +38,11 @@ class Job:
         self.name = name
         self._last: JobInfo | None = info
         self._output = output
+
+    @property
+    def last_info(self) -> JobInfo | None:
+        """What the last query (or the listing that found this job) said, without asking again."""
+        return self._last
 
     def info(self) -> JobInfo:
         """Fresh details from the scheduler (one call)."""
@@ -83,6 +90,8 @@ class Job:
         offset = 0
         path: str | None = None
         delay = poll
+        # A character split across two chunks must not turn into two replacement characters.
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         while True:
             ended = self.info().is_terminal
             if path is None:
@@ -93,19 +102,21 @@ class Job:
             grew = False
             if path is not None:
                 while True:
-                    data = (
-                        transport.read_bytes(path, offset=offset, limit=chunk)
-                        if transport.exists(path)
-                        else b""
-                    )
+                    try:
+                        data = transport.read_bytes(path, offset=offset, limit=chunk)
+                    except PathNotFound:  # not written yet: one round trip, not an exists() and a read
+                        data = b""
                     if not data:
                         break
                     offset += len(data)
                     grew = True
-                    yield data.decode("utf-8", errors="replace")
+                    yield decoder.decode(data)
                     if len(data) < chunk:
                         break
             if ended and not grew:
+                tail = decoder.decode(b"", final=True)
+                if tail:
+                    yield tail
                 return
             delay = poll if grew else min(max_poll, delay * 1.5)
             if not ended:

@@ -125,9 +125,10 @@ def submit(
     run_dir = cluster.new_run_dir(params["job_name"])
     transport = cluster.transport
     transport.makedirs(run_dir, mode=0o700)
-    transport.makedirs(f"{run_dir}/code", mode=0o700)
-    for path in files:
-        transport.put(str(path), f"{run_dir}/code/{path.name}", mode=0o600)
+    with cluster.removed_on_error(run_dir):  # a failed copy leaves no half-staged run behind
+        transport.makedirs(f"{run_dir}/code", mode=0o700)
+        for path in files:
+            transport.put(str(path), f"{run_dir}/code/{path.name}", mode=0o600)
     context = {
         "train": {
             "script": posixpath.join(run_dir, "code", script.name),
@@ -137,10 +138,7 @@ def submit(
             "max_requeues": options.max_requeues,
         }
     }
-    try:
-        return cluster.submit_prepared("train", run_dir=run_dir, context=context, params=params)
-    except HpclaunchError:
-        raise
+    return cluster.submit_prepared("train", run_dir=run_dir, context=context, params=params)
 
 
 def fetch(cluster: Cluster, job: Job, dest: Path, *, names: Sequence[str] = RESULT_FILES) -> list[Path]:

@@ -156,7 +156,7 @@ def sessions(app_ctx: AppContext, as_json: bool) -> None:
     known = {r["job_id"]: r for r in records.load() if r.get("profile") == cluster.profile.name}
     rows = []
     for job in jobs:
-        info = job._last
+        info = job.last_info
         record = known.get(job.id, {})
         rows.append(
             {

@@ -32,7 +32,7 @@ def command(app: AppContext, job_ids: tuple[str, ...], as_json: bool) -> None:
     if job_ids:
         infos = list(cluster.states(list(job_ids)).values())
     else:
-        infos = [job._last for job in cluster.jobs() if job._last is not None]
+        infos = [info for job in cluster.jobs() if (info := job.last_info) is not None]
     if as_json:
         click.echo(json.dumps([{k: _plain(v) for k, v in asdict(i).items()} for i in infos], indent=2))
         return

@@ -5,6 +5,7 @@ Every wait here has a deadline and polls with backoff; nothing sleeps a fixed ti
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import getpass
 import http.client
@@ -107,7 +108,8 @@ def start(
     run_dir = cluster.new_run_dir(params["job_name"])
     transport.makedirs(run_dir, mode=0o700)
     token_path = f"{run_dir}/{TOKEN_FILE}"
-    transport.write_text(token_path, token, mode=0o600)  # read verbatim by jupyter_server: no newline
+    with cluster.removed_on_error(run_dir):
+        transport.write_text(token_path, token, mode=0o600)  # read verbatim by jupyter_server: no newline
     context = template_context(cluster, options, token_path)
     job = cluster.submit_prepared("jupyter", run_dir=run_dir, context=context, params=params)
     status(f"submitted job {job.id}")
@@ -225,6 +227,7 @@ class _LogReader:
         self.transport = transport
         self.offset = 0
         self.text = ""
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
 
     def read(self, path: str) -> str:
         try:
@@ -232,7 +235,7 @@ class _LogReader:
         except TransportError:  # not created yet
             return self.text
         self.offset += len(data)
-        self.text += data.decode("utf-8", errors="replace")
+        self.text += self._decoder.decode(data)
         return self.text
 
 
