@@ -30,15 +30,15 @@ if TYPE_CHECKING:
     from .cluster import Cluster
     from .job import Job
     from .jupyter.session import JupyterOptions, Session
-    from .slurm.states import JobInfo, JobState
+    from .states import JobInfo, JobState
     from .train import TrainOptions
 
 _LAZY = {
     "ArrayJob": ("hpclaunch.array", "ArrayJob"),
     "Cluster": ("hpclaunch.cluster", "Cluster"),
     "Job": ("hpclaunch.job", "Job"),
-    "JobInfo": ("hpclaunch.slurm.states", "JobInfo"),
-    "JobState": ("hpclaunch.slurm.states", "JobState"),
+    "JobInfo": ("hpclaunch.states", "JobInfo"),
+    "JobState": ("hpclaunch.states", "JobState"),
     "JupyterOptions": ("hpclaunch.jupyter.session", "JupyterOptions"),
     "Session": ("hpclaunch.jupyter.session", "Session"),
     "TrainOptions": ("hpclaunch.train", "TrainOptions"),

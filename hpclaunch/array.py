@@ -19,20 +19,21 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shlex
 from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from .errors import ParameterError, TemplateError
+from .errors import ParameterError, SlurmError, TemplateError
+from .job import Job
 from .params import reject_control_chars
 from .render import shell_quote
 
 if TYPE_CHECKING:
-    from .cluster import Cluster
-    from .job import Job
-    from .scheduler import UpdateCallback
-    from .slurm.states import JobInfo
+    from .polling import UpdateCallback
+    from .states import JobInfo
+    from .submission import Submitter
 
 #: Names of per-task parameters: they become environment variables HPCLAUNCH_PARAM_<NAME upper-cased>.
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
@@ -176,27 +177,25 @@ def array_spec(count: int, max_concurrent: int | None) -> str:
 
 
 def submit_array(
-    cluster: Cluster,
+    cluster: Submitter,
     params_list: Sequence[Mapping[str, Any]],
     *,
     template: str = "run",
     command: Sequence[str] = (),
     max_concurrent: int | None = None,
     variables: Mapping[str, Any] | None = None,
-    files: Mapping[str, str] | None = None,
+    files: Mapping[str | os.PathLike[str], str] | None = None,
     **common: Any,
 ) -> ArrayJob:
     """See :meth:`hpclaunch.cluster.Cluster.submit_array`."""
-    from .job import Job
-
     tasks = check_params_list(params_list)
     spec = array_spec(len(tasks), max_concurrent)
     line, used = command_line(command, tasks)
-    local = cluster.scheduler.name == "local"
     cluster.renderer.source_of(template)  # fail on a wrong name before touching the cluster
-    run_dir = cluster.new_run_dir(
-        str(common.get("job_name") or f"hpclaunch-{template}-array").replace("/", "_")
-    )
+    default_name = f"hpclaunch-{template}"
+    job = cluster.resolve_job(common, default_name=default_name)
+    dir_name = job["job_name"] if job["job_name"] != default_name else f"{default_name}-array"
+    run_dir = cluster.new_run_dir(str(dir_name).replace("/", "_"))
     context = {
         "array": {
             "count": len(tasks),
@@ -205,16 +204,18 @@ def submit_array(
             "command_line": line,
         }
     }
-    script, run_dir, job = cluster._prepare(
+    arrays = cluster.capabilities.arrays
+    prepared = cluster.prepare(
         template,
-        command,
-        variables,
-        run_dir,
-        common,
-        context,
+        job,
+        run_dir=run_dir,
+        command=command,
+        variables=variables,
+        context=context,
         output_name="slurm-%A_%a.out",
-        more_directives=() if local else (f"--array={spec}",),
+        more_directives=(f"--array={spec}",) if arrays else (),
     )
+    script = prepared.script
     if f"HPCLAUNCH_PARAMS_FILE={shell_quote(context['array']['params_file'])}" not in script:
         raise TemplateError(
             f"template {template!r} does not read array parameters",
@@ -225,53 +226,24 @@ def submit_array(
             f"template {template!r} does not use the array's command line (array.command_line)",
             hint="use the built-in 'run' template, or read HPCLAUNCH_PARAM_<NAME> in yours",
         )
-    transport = cluster.transport
-    transport.makedirs(run_dir, mode=0o700)
-    name = job["job_name"]
-    with cluster.removed_on_error(run_dir):
-        for local_path, dest in (files or {}).items():
-            transport.put(local_path, f"{run_dir}/{dest}")
-        transport.write_text(f"{run_dir}/{PARAMS_FILE}", params_jsonl(tasks), mode=0o600)
-        transport.write_text(f"{run_dir}/{ENV_FILE}", params_script(tasks), mode=0o600)
-        transport.write_text(f"{run_dir}/job.sbatch", script, mode=0o600)
-        if local:
-            task_jobs = _submit_local_tasks(cluster, script, run_dir, len(tasks), job, name)
-            return ArrayJob(cluster, task_jobs[0].id, tasks, task_jobs, run_dir=run_dir, name=name)
-        array_id = cluster.scheduler.submit(script, workdir=run_dir)
+    array_id, task_ids = cluster.stage_and_submit(
+        prepared,
+        lambda: cluster.scheduler.submit_array(script, count=len(tasks), workdir=run_dir),
+        files=files,
+        texts={PARAMS_FILE: params_jsonl(tasks), ENV_FILE: params_script(tasks)},
+    )
+    own_output = not prepared.job.get("output")
     task_jobs = [
         Job(
             cluster,
-            f"{array_id}_{index}",
+            task_id,
             run_dir=run_dir,
-            name=name,
-            output=None if job.get("output") else f"{run_dir}/slurm-{array_id}_{index}.out",
+            name=prepared.name,
+            output=f"{run_dir}/slurm-{array_id}_{index}.out" if own_output else None,
         )
-        for index in range(len(tasks))
+        for index, task_id in enumerate(task_ids)
     ]
-    return ArrayJob(cluster, array_id, tasks, task_jobs, run_dir=run_dir, name=name)
-
-
-def _submit_local_tasks(
-    cluster: Cluster, script: str, run_dir: str, count: int, job: Mapping[str, Any], name: str
-) -> list[Job]:
-    """The ``local`` backend has no arrays: run each task as its own background job with the
-    ``SLURM_ARRAY_*`` variables a Slurm task sees (all at once; ``max_concurrent`` does not apply)."""
-    from .job import Job
-
-    out: list[Job] = []
-    for index in range(count):
-        env = {
-            "SLURM_ARRAY_TASK_ID": str(index),
-            "SLURM_ARRAY_TASK_COUNT": str(count),
-            "SLURM_ARRAY_TASK_MIN": "0",
-            "SLURM_ARRAY_TASK_MAX": str(count - 1),
-            "SLURM_ARRAY_TASK_STEP": "1",
-        }
-        args = [] if job.get("output") else [f"--output={run_dir}/slurm-%j_{index}.out"]
-        job_id = cluster.scheduler.submit(script, sbatch_args=args, workdir=run_dir, env=env)
-        output = None if job.get("output") else f"{run_dir}/slurm-{job_id}_{index}.out"
-        out.append(Job(cluster, job_id, run_dir=run_dir, name=name, output=output))
-    return out
+    return ArrayJob(cluster, array_id, tasks, task_jobs, run_dir=run_dir, name=prepared.name)
 
 
 class ArrayJob:
@@ -285,7 +257,7 @@ class ArrayJob:
 
     def __init__(
         self,
-        cluster: Cluster,
+        cluster: Submitter,
         array_id: str,
         params: Sequence[Mapping[str, Any]],
         tasks: Sequence[Job],
@@ -330,16 +302,18 @@ class ArrayJob:
     ) -> list[JobInfo]:
         """Block until every task has ended (one batched query per poll, with backoff and jitter);
         returns each task's final info in task order. Raises WaitTimeout after ``timeout`` seconds."""
-        infos = self.cluster.wait(self.tasks, timeout=timeout, on_update=on_update, max_poll=max_poll)
+        infos = self.cluster.wait_ids(
+            self.task_ids, timeout=timeout, on_update=on_update, max_poll=max_poll
+        )
         return [infos[task_id] for task_id in self.task_ids]
 
     def cancel(self) -> None:
         """Cancel every task (one ``scancel`` of the array on Slurm)."""
-        if self.cluster.scheduler.name == "local":
+        if self.cluster.capabilities.cancel_array:
+            self.cluster.scheduler.cancel(self.id)
+        else:
             for task in self.tasks:
                 task.cancel()
-        else:
-            self.cluster.scheduler.cancel(self.id)
 
     def logs(self) -> list[str]:
         """Each task's output so far, in task order."""
@@ -349,22 +323,23 @@ class ArrayJob:
         return f"ArrayJob({self.id!r}, tasks={len(self.tasks)}, name={self.name!r})"
 
 
-def attach_array(cluster: Cluster, array_id: str | int) -> ArrayJob:
+def attach_array(cluster: Submitter, array_id: str | int) -> ArrayJob:
     """Reattach to an array submitted by :func:`submit_array` (from any process), by its job id.
 
     One squeue call finds its run directory (the job's working directory), whose ``params.jsonl``
     says how many tasks it has and what each one got.
     """
-    from .errors import SlurmError
-    from .job import Job
     from .slurm.parse import split_job_id
 
     array_id = str(array_id).strip()
     base, task = split_job_id(array_id)
     if task is not None:
         raise SlurmError(f"{array_id} is one task of an array", hint=f"use cluster.array({base!r})")
-    if cluster.scheduler.name == "local":
-        raise SlurmError("the local backend has no job arrays to reattach to", hint="use cluster.job(ID)")
+    if not cluster.capabilities.arrays:
+        raise SlurmError(
+            f"the {cluster.scheduler.name} backend has no job arrays to reattach to",
+            hint="use cluster.job(ID)",
+        )
     info = cluster.scheduler.info(base)
     run_dir = info.work_dir
     params_file = f"{run_dir}/{PARAMS_FILE}"

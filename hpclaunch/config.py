@@ -15,6 +15,7 @@ workdir = "~/hpclaunch"
 
 from __future__ import annotations
 
+import enum
 import os
 import shutil
 import stat
@@ -41,8 +42,37 @@ APP_NAME = "hpclaunch"
 BUILTIN_LOCAL = "local"  # no Slurm: jobs run as background processes on this machine
 BUILTIN_SLURM = "slurm"  # this machine's own sbatch (a login node)
 
-TUNNEL_MODES = ("direct", "node")
-SCHEDULERS = ("slurm", "local")
+
+
+class SchedulerKind(str, enum.Enum):
+    """Which backend runs the jobs."""
+
+    SLURM = "slurm"  # sbatch here or on the login host
+    LOCAL = "local"  # background processes on this machine, no Slurm
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class TunnelMode(str, enum.Enum):
+    """How the notebook's tunnel reaches the node."""
+
+    DIRECT = "direct"  # the login host forwards to node:port
+    NODE = "node"  # log in to the node (through the login host); Jupyter on the node's 127.0.0.1
+
+    def __str__(self) -> str:
+        return self.value
+
+
+
+def choice(kind: type[enum.Enum], key: str, value: Any, where: str = "") -> Any:
+    """``value`` as a member of ``kind``, or one ConfigError line listing the valid ones."""
+    try:
+        return kind(value)
+    except ValueError:
+        valid = ", ".join(str(m.value) for m in kind)
+        prefix = f"{where}: " if where else ""
+        raise ConfigError(f"{prefix}{key} must be one of {valid}, got {value!r}") from None
 
 
 @dataclass(frozen=True)
@@ -56,14 +86,19 @@ class Profile:
     identity_file: str | None = None
     ssh_config: str | None = None
     accept_new_host_key: bool = False
-    scheduler: str = "slurm"
+    scheduler: SchedulerKind = SchedulerKind.SLURM
     workdir: str = "~/hpclaunch"
     template_dir: str | None = None
-    tunnel: str = "direct"
+    tunnel: TunnelMode = TunnelMode.DIRECT
     #: Port of the compute nodes' sshd, for tunnel mode ``node`` (None: the ssh config's, else 22).
     node_ssh_port: int | None = None
     job: Mapping[str, Any] = field(default_factory=dict)
     source: str = "built-in"
+
+    def __post_init__(self) -> None:
+        # Plain strings are accepted (TOML, Profile(scheduler="local")) and become the typed choices.
+        object.__setattr__(self, "scheduler", choice(SchedulerKind, "scheduler", self.scheduler))
+        object.__setattr__(self, "tunnel", choice(TunnelMode, "tunnel", self.tunnel))
 
     def with_overrides(self, **changes: Any) -> Profile:
         """A copy with the non-None ``changes`` applied (flags and environment variables)."""
@@ -74,7 +109,8 @@ class Profile:
         for f in fields(self):
             if f.name in ("job", "name", "source"):
                 continue
-            out[f.name] = getattr(self, f.name)
+            value = getattr(self, f.name)
+            out[f.name] = value.value if isinstance(value, enum.Enum) else value
         out.update({k: list(v) if isinstance(v, tuple) else v for k, v in self.job.items()})
         return out
 
@@ -124,7 +160,9 @@ class Config:
         if chosen in self.profiles:
             return self.profiles[chosen]
         if chosen == BUILTIN_LOCAL:
-            return Profile(name=BUILTIN_LOCAL, scheduler="local", workdir="~/.local/share/hpclaunch/runs")
+            return Profile(
+                name=BUILTIN_LOCAL, scheduler=SchedulerKind.LOCAL, workdir="~/.local/share/hpclaunch/runs"
+            )
         if chosen == BUILTIN_SLURM:
             return Profile(name=BUILTIN_SLURM)
         known = sorted({*self.profiles, BUILTIN_LOCAL, BUILTIN_SLURM})
@@ -198,6 +236,9 @@ def _parse_profile(file: Path, name: str, body: Any) -> Profile:
         job = validate_params(job_values)
     except ParameterError as err:
         raise ConfigError(f"{where}: {err.message}", hint=err.hint) from None
+    for key, kind in (("scheduler", SchedulerKind), ("tunnel", TunnelMode)):
+        if key in connection:
+            connection[key] = choice(kind, key, connection[key], where)
     profile = Profile(name=name, job=job, source=str(file), **connection)
     check_profile(profile, where)
     return profile
@@ -206,13 +247,7 @@ def _parse_profile(file: Path, name: str, body: Any) -> Profile:
 def check_profile(profile: Profile, where: str = "") -> None:
     """Validate values that only make sense together; ``where`` names their origin."""
     prefix = f"{where}: " if where else ""
-    if profile.tunnel not in TUNNEL_MODES:
-        raise ConfigError(f"{prefix}tunnel must be one of {', '.join(TUNNEL_MODES)}, got {profile.tunnel!r}")
-    if profile.scheduler not in SCHEDULERS:
-        raise ConfigError(
-            f"{prefix}scheduler must be one of {', '.join(SCHEDULERS)}, got {profile.scheduler!r}"
-        )
-    if profile.scheduler == "local" and profile.host:
+    if profile.scheduler is SchedulerKind.LOCAL and profile.host:
         raise ConfigError(f"{prefix}the local scheduler runs on this machine: remove 'host'")
     if profile.port is not None and not 0 < profile.port < 65536:
         raise ConfigError(f"{prefix}port must be between 1 and 65535, got {profile.port}")

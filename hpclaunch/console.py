@@ -54,6 +54,21 @@ class StatusLine:
         self.clear()
 
 
+#: What a secret (a notebook's token) is replaced by wherever text is shown or logged.
+REDACTED = "***"
+
+
+def redact(text: str, secret: str | None) -> str:
+    """``text`` with every occurrence of ``secret`` replaced by ``***``.
+
+    An empty or missing secret leaves the text alone: replacing '' would splice '***'
+    between every character.
+    """
+    if not secret:
+        return text
+    return text.replace(secret, REDACTED)
+
+
 def say(message: str) -> None:
     """A line for the user on stderr (stdout is kept for results)."""
     sys.stderr.write(message + "\n")

@@ -95,6 +95,10 @@ class SlurmError(HpclaunchError):
     exit_code = 4
 
 
+class JobNotFound(SlurmError):
+    """No job with this id is known to the scheduler (a typo, or one purged long after it ended)."""
+
+
 class SubmissionRejected(SlurmError):
     """sbatch refused the job; the message quotes Slurm."""
 

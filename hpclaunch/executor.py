@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, ParameterError, SlurmError
-from .params import parse_time, validate_params
+from .params import parse_time
 
 if TYPE_CHECKING:
     from submitit.core.core import Executor
 
-    from .cluster import Cluster
+    from .submission import Submitter
 
 #: hpclaunch parameters that submitit decides itself (it writes the logs next to its pickles).
 _OWNED_BY_SUBMITIT = ("output", "error")
@@ -106,7 +106,7 @@ def local_parameters(job: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def make_executor(
-    cluster: Cluster,
+    cluster: Submitter,
     *,
     folder: str | os.PathLike[str] | None = None,
     python: str | None = None,
@@ -122,14 +122,13 @@ def make_executor(
             hint="run the script on the login node with a profile without `host`, or use "
             "cluster.submit(...) / cluster.submit_array(...), which work over SSH",
         )
-    given = validate_params(params, source="executor()")
     for key in _OWNED_BY_SUBMITIT:
-        if key in given:
+        if params.get(key) is not None or params.get(key.replace("_", "-")) is not None:
             raise ParameterError(
                 f"executor(): {key} is chosen by submitit (logs go next to its pickles in the folder)",
                 hint="pass folder=... to choose where",
             )
-    job = cluster.resolve_job(given, default_name="hpclaunch-submitit")
+    job = cluster.resolve_job(params, default_name="hpclaunch-submitit", source="executor()")
     if folder is None:
         base = Path(os.path.expanduser(profile.workdir)) / "submitit" / "%j"
     else:
@@ -141,7 +140,7 @@ def make_executor(
     import submitit  # late: heavy, and only needed here
 
     executor: Executor
-    if profile.scheduler == "local":
+    if cluster.capabilities.runs_here:
         executor = submitit.LocalExecutor(folder=base, python=python)
         executor.update_parameters(**local_parameters(job))
         return executor

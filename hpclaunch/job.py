@@ -1,22 +1,85 @@
 """A submitted job: its state, waiting for it, its output (also while it grows), cancelling it.
 
-Jobs come from :class:`hpclaunch.cluster.Cluster` (``submit``, ``job``, ``jobs``) and talk to the
-cluster through it: one connection, one scheduler.
+Jobs come from :class:`hpclaunch.submission.Submitter` (and so from ``Cluster``: ``submit``, ``job``,
+``jobs``) and reach the cluster through it: one connection, one scheduler.
 """
 
 from __future__ import annotations
 
 import codecs
-import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
+from .console import redact
 from .errors import HpclaunchError
+from .polling import Backoff, Poller
 from .transport.base import PathNotFound
 
 if TYPE_CHECKING:
-    from .cluster import Cluster
-    from .slurm.states import JobInfo
+    from .scheduler import Scheduler
+    from .states import JobInfo
+    from .transport.base import Transport
+
+#: How many lines of a job's log an error report shows.
+LOG_TAIL_LINES = 15
+
+
+class JobHost(Protocol):
+    """What a job needs of the cluster it runs on (a ``Submitter``, a ``Cluster``, or a test fake)."""
+
+    @property
+    def scheduler(self) -> Scheduler: ...
+
+    @property
+    def transport(self) -> Transport: ...
+
+
+class LogReader:
+    """Reads a growing file from where it left off, in bounded chunks, decoding UTF-8 across them.
+
+    A file that does not exist yet reads as empty (one round trip, no ``exists()`` first); any other
+    error (a connection, a permission) is raised, never mistaken for "not written yet".
+    """
+
+    def __init__(self, files: Transport, path: str | None = None, *, chunk: int = 1 << 16) -> None:
+        self.files = files
+        self.path = path
+        self.chunk = chunk
+        self.offset = 0
+        # A character split across two chunks must not turn into two replacement characters.
+        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+
+    def chunks(self) -> Iterator[str]:
+        """The text written since the last read, one bounded chunk at a time."""
+        if self.path is None:
+            return
+        while True:
+            try:
+                data = self.files.read_bytes(self.path, offset=self.offset, limit=self.chunk)
+            except PathNotFound:
+                return
+            if not data:
+                return
+            self.offset += len(data)
+            text = self._decoder.decode(data)
+            if text:
+                yield text
+            if len(data) < self.chunk:
+                return
+
+    def read_new(self) -> str:
+        """Everything written since the last read."""
+        return "".join(self.chunks())
+
+    def finish(self) -> str:
+        """What the decoder still holds (an incomplete character at the very end)."""
+        return self._decoder.decode(b"", final=True)
+
+
+def log_tail(text: str, lines: int = LOG_TAIL_LINES, *, secret: str | None = None) -> str:
+    """The last non-empty lines of a log for an error report, with ``secret`` masked."""
+    tail = [redact(line, secret) for line in text.splitlines() if line.strip()][-lines:]
+    return "last lines of the job's log:\n" + ("\n".join("  " + t for t in tail) if tail else "  (empty)")
 
 
 class Job:
@@ -24,7 +87,7 @@ class Job:
 
     def __init__(
         self,
-        cluster: Cluster,
+        cluster: JobHost,
         job_id: str,
         *,
         run_dir: str | None = None,
@@ -77,50 +140,43 @@ class Job:
     def logs(self) -> str:
         """The job's output so far."""
         path = self.output_path()
-        if not self.cluster.transport.exists(path):
+        try:
+            return self.cluster.transport.read_text(path)
+        except PathNotFound:
             return ""
-        return self.cluster.transport.read_text(path)
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES, *, secret: str | None = None) -> str | None:
+        """The end of the job's output for an error report (``secret`` masked); None if unreadable."""
+        try:
+            return log_tail(self.logs(), lines, secret=secret)
+        except HpclaunchError:
+            return None
 
     def follow(self, *, poll: float = 0.25, max_poll: float = 2.0, chunk: int = 1 << 16) -> Iterator[str]:
         """Yield the job's output as it is written, until the job has ended and all is read.
 
         Reads in bounded chunks from an offset, so a 100 MB log costs no more memory than a small one.
         """
-        transport = self.cluster.transport
-        offset = 0
-        path: str | None = None
-        delay = poll
-        # A character split across two chunks must not turn into two replacement characters.
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        while True:
+        reader = LogReader(self.cluster.transport, self._output, chunk=chunk)
+        poller = Poller(Backoff(initial=poll, maximum=max_poll, factor=1.5, jitter=0.0))
+        for _ in poller:
             ended = self.info().is_terminal
-            if path is None:
+            if reader.path is None:
                 try:
-                    path = self.output_path()
+                    reader.path = self.output_path()
                 except HpclaunchError:
-                    path = None
+                    pass
             grew = False
-            if path is not None:
-                while True:
-                    try:
-                        data = transport.read_bytes(path, offset=offset, limit=chunk)
-                    except PathNotFound:  # not written yet: one round trip, not an exists() and a read
-                        data = b""
-                    if not data:
-                        break
-                    offset += len(data)
-                    grew = True
-                    yield decoder.decode(data)
-                    if len(data) < chunk:
-                        break
+            for text in reader.chunks():
+                grew = True
+                yield text
             if ended and not grew:
-                tail = decoder.decode(b"", final=True)
+                tail = reader.finish()
                 if tail:
                     yield tail
                 return
-            delay = poll if grew else min(max_poll, delay * 1.5)
-            if not ended:
-                time.sleep(delay)
+            if grew:
+                poller.progress()
 
     def __repr__(self) -> str:
         return f"Job({self.id!r}, name={self.name!r})"

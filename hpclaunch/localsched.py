@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from hpclaunch.errors import SlurmError, SubmissionRejected
-from hpclaunch.scheduler import UpdateCallback, wait_for
+from hpclaunch.polling import UpdateCallback, wait_for
+from hpclaunch.scheduler import Capabilities
 from hpclaunch.slurm.parse import expand_filename_pattern
-from hpclaunch.slurm.states import JobInfo, JobState
+from hpclaunch.states import JobInfo, JobState
 from hpclaunch.transport.base import Transport
 
 NODE_NAME = "localhost"
@@ -157,6 +158,7 @@ class LocalScheduler:
     """Runs job scripts as detached background processes on this machine (no Slurm needed)."""
 
     name = "local"
+    capabilities = Capabilities(arrays=False, cancel_array=False, runs_here=True)
 
     def __init__(
         self,
@@ -243,6 +245,43 @@ class LocalScheduler:
         env: Mapping[str, str] | None = None,
     ) -> str:
         """Start the script with bash in the background and return its job id at once."""
+        return self._start(script_text, sbatch_args=sbatch_args, workdir=workdir, env=env)
+
+    def submit_array(
+        self, script_text: str, *, count: int, workdir: str, env: Mapping[str, str] | None = None
+    ) -> tuple[str, list[str]]:
+        """No arrays here: each task runs as its own background job, all at once (a ``%`` throttle
+        does not apply), with the ``SLURM_ARRAY_*`` variables a Slurm task sees and ``%A``/``%a`` in
+        output paths expanded as Slurm would; the array's id is its first task's job id."""
+        task_ids: list[str] = []
+        for index in range(count):
+            task_env = {
+                **(env or {}),
+                "SLURM_ARRAY_TASK_ID": str(index),
+                "SLURM_ARRAY_TASK_COUNT": str(count),
+                "SLURM_ARRAY_TASK_MIN": "0",
+                "SLURM_ARRAY_TASK_MAX": str(count - 1),
+                "SLURM_ARRAY_TASK_STEP": "1",
+            }
+            array_id = task_ids[0] if task_ids else None
+            task_ids.append(
+                self._start(script_text, workdir=workdir, env=task_env, array=(array_id, str(index)))
+            )
+        return task_ids[0], task_ids
+
+    def gpus_per_node(self, partition: str | None) -> int | None:
+        """This machine's GPUs are not scheduled: unknown."""
+        return None
+
+    def _start(
+        self,
+        script_text: str,
+        *,
+        sbatch_args: Sequence[str] = (),
+        workdir: str | None = None,
+        env: Mapping[str, str] | None = None,
+        array: tuple[str | None, str] | None = None,
+    ) -> str:
         if "\0" in script_text:
             raise SubmissionRejected("the job script contains a NUL byte")
         if isinstance(sbatch_args, str):
@@ -266,8 +305,8 @@ class LocalScheduler:
             "x": name,
             "u": user,
             "N": NODE_NAME,
-            "A": job_id,
-            "a": "4294967294",
+            "A": (array[0] or job_id) if array else job_id,
+            "a": array[1] if array else "4294967294",
             "n": "0",
             "t": "0",
             "s": "batch",

@@ -8,8 +8,8 @@ Unknown names are rejected with the list of valid ones.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import ParameterError
@@ -45,7 +45,9 @@ def _as_str(name: str, raw: Any) -> str:
     return reject_control_chars(name, str(raw))
 
 
-def _as_int(minimum: int) -> Callable[[str, Any], int]:
+def whole_number(minimum: int, maximum: int | None = None) -> Callable[[str, Any], int]:
+    """A validator of whole numbers in ``[minimum, maximum]`` (numbers as text are accepted)."""
+
     def check(name: str, raw: Any) -> int:
         if isinstance(raw, bool):
             raise ParameterError(f"{name}: expected a whole number, got {raw!r}")
@@ -55,6 +57,8 @@ def _as_int(minimum: int) -> Callable[[str, Any], int]:
             raise ParameterError(f"{name}: expected a whole number, got {raw!r}") from None
         if value < minimum:
             raise ParameterError(f"{name}: must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise ParameterError(f"{name}: must be at most {maximum}, got {value}")
         return value
 
     return check
@@ -207,7 +211,6 @@ class Param:
     #: True for values that are shell code by design (setup lines): never quoted, only one-line checked.
     is_code: bool = False
     example: str = ""
-    aliases: tuple[str, ...] = field(default=())
 
     @property
     def flag(self) -> str:
@@ -227,11 +230,13 @@ JOB_PARAMS: tuple[Param, ...] = (
     Param("account", "Account to charge.", _slurm_name, metavar="NAME"),
     Param("qos", "Quality of service.", _slurm_name, metavar="NAME"),
     Param("time", "Time limit, e.g. 30, 2:00:00, 1-12:00:00, 90m, 2h.", _time, "01:00:00", "TIME"),
-    Param("nodes", "Number of nodes.", _as_int(1), 1, "N"),
-    Param("ntasks_per_node", "Tasks (processes) per node; one per GPU for training.", _as_int(1), 1, "N"),
-    Param("cpus_per_task", "CPU cores per task.", _as_int(1), 1, "N"),
+    Param("nodes", "Number of nodes.", whole_number(1), 1, "N"),
+    Param(
+        "ntasks_per_node", "Tasks (processes) per node; one per GPU for training.", whole_number(1), 1, "N"
+    ),
+    Param("cpus_per_task", "CPU cores per task.", whole_number(1), 1, "N"),
     Param("mem", "Memory per node, e.g. 16G (default: the partition's default).", _memory, None, "SIZE"),
-    Param("gpus", "GPUs per node, requested as --gres=gpu[:TYPE]:N.", _as_int(0), 0, "N"),
+    Param("gpus", "GPUs per node, requested as --gres=gpu[:TYPE]:N.", whole_number(0), 0, "N"),
     Param("gpu_type", "GPU type for --gres, e.g. a100.", _slurm_name, None, "TYPE"),
     Param("constraint", "Node feature constraint, e.g. 'a100|h100'.", _constraint, None, "EXPR"),
     Param("output", "Job output file (%j = job id). Default: in the run directory.", _path, None, "PATH"),
@@ -296,10 +301,6 @@ def resolve(*layers: Mapping[str, Any], params: Sequence[Param] = JOB_PARAMS) ->
             if value is not None and value != ():
                 merged[key] = value
     return merged
-
-
-def names(params: Iterable[Param] = JOB_PARAMS) -> list[str]:
-    return [p.name for p in params]
 
 
 def sbatch_directives(

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import os
 import posixpath
-import re
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import HpclaunchError, ParameterError, TemplateError
-from .params import validate_params
+from .params import reject_control_chars, whole_number
 from .render import data_dir
 
 if TYPE_CHECKING:
-    from .cluster import Cluster
     from .job import Job
+    from .submission import Submitter
 
 #: Files a finished run leaves in its run directory, brought back by ``fetch``.
 RESULT_FILES = ("metrics.csv", "plot.png", "model.pt", "checkpoint.pt")
@@ -27,8 +27,17 @@ class TrainOptions:
     #: Interpreter on the nodes; None: ``python3`` after the setup lines, or this very Python for the
     #: built-in ``local`` profile (whose jobs run here, where hpclaunch[train] is installed).
     python: str | None = None
+    #: Seconds of warning (SIGUSR2) before the time limit, to checkpoint in.
     signal_lead: int = 90
+    #: How often a run may requeue itself after the warning.
     max_requeues: int = 3
+
+    def __post_init__(self) -> None:
+        # Checked like job parameters: these values are written into the job script.
+        whole_number(0, 65535)("signal_lead", self.signal_lead)
+        whole_number(0, 1000)("max_requeues", self.max_requeues)
+        if self.python is not None:
+            reject_control_chars("python", str(self.python))
 
 
 #: Modules in ``jobs/`` that the bundled jobs import; staged beside them, not runnable on their own.
@@ -63,26 +72,9 @@ def resolve_script(name_or_path: str) -> tuple[Path, list[Path]]:
     )
 
 
-def default_python(cluster: Cluster) -> str:
-    """``python3`` as the setup lines leave it; for the ``local`` profile, the Python running hpclaunch."""
-    return sys.executable if cluster.profile.scheduler == "local" else "python3"
-
-
-def gpus_per_node(cluster: Cluster, partition: str | None) -> int | None:
-    """The most GPUs any node of the partition has, from ``sinfo``; None when it cannot be told."""
-    if cluster.profile.scheduler != "slurm":
-        return None
-    argv = ["sinfo", "-h", "-o", "%G"]
-    if partition:
-        argv += ["-p", partition]
-    result = cluster.transport.run(argv, check=False, timeout=30)
-    if not result.ok:
-        return None
-    best = 0
-    for gres in result.stdout.split():
-        for match in re.finditer(r"gpu(?::[^:,(]+)?:(\d+)", gres):
-            best = max(best, int(match.group(1)))
-    return best
+def default_python(cluster: Submitter) -> str:
+    """``python3`` as the setup lines leave it; where jobs run here, the Python running hpclaunch."""
+    return sys.executable if cluster.capabilities.runs_here else "python3"
 
 
 def data_dir_arg(args: Sequence[str]) -> str | None:
@@ -96,25 +88,28 @@ def data_dir_arg(args: Sequence[str]) -> str | None:
 
 
 def submit(
-    cluster: Cluster,
-    job_or_script: str,
+    cluster: Submitter,
+    job_or_script: str | os.PathLike[str],
     script_args: Sequence[str],
     params: Mapping[str, Any],
     options: TrainOptions = TrainOptions(),
 ) -> Job:
     """Check what can be checked, stage the code into a new run directory, and submit the run."""
-    script, files = resolve_script(job_or_script)
-    params = validate_params(params)  # a bad value is refused before anything is staged
-    params.setdefault("job_name", f"hpclaunch-train-{script.stem}")
-    gpus = int(params.get("gpus") or cluster.profile.job.get("gpus") or 0)
+    script, files = resolve_script(os.fspath(job_or_script))
+    job = cluster.resolve_job(
+        params,
+        default_name=f"hpclaunch-train-{script.stem}",
+        # One process per GPU, unless the user chose the number of tasks.
+        defaults=lambda chosen: {"ntasks_per_node": chosen.get("gpus") or 1},
+    )
+    gpus = int(job.get("gpus") or 0)
     if gpus:
-        have = gpus_per_node(cluster, params.get("partition") or cluster.profile.job.get("partition"))
+        have = cluster.scheduler.gpus_per_node(job.get("partition"))
         if have is not None and gpus > have:
             raise ParameterError(
                 f"--gpus {gpus} is more than a node has here ({have} per node)",
                 hint="use more --nodes instead",
             )
-        params.setdefault("ntasks_per_node", gpus)  # one process per GPU
     data = data_dir_arg(script_args)
     if data is not None and not cluster.transport.exists(cluster.transport.expand(data)):
         where = cluster.profile.host or "this machine"
@@ -122,13 +117,7 @@ def submit(
             f"data directory {data} does not exist on {where}",
             hint="copy the dataset there first, or run with --dataset synthetic",
         )
-    run_dir = cluster.new_run_dir(params["job_name"])
-    transport = cluster.transport
-    transport.makedirs(run_dir, mode=0o700)
-    with cluster.removed_on_error(run_dir):  # a failed copy leaves no half-staged run behind
-        transport.makedirs(f"{run_dir}/code", mode=0o700)
-        for path in files:
-            transport.put(str(path), f"{run_dir}/code/{path.name}", mode=0o600)
+    run_dir = cluster.new_run_dir(job["job_name"])
     context = {
         "train": {
             "script": posixpath.join(run_dir, "code", script.name),
@@ -138,20 +127,27 @@ def submit(
             "max_requeues": options.max_requeues,
         }
     }
-    return cluster.submit_prepared("train", run_dir=run_dir, context=context, params=params)
+    prepared = cluster.prepare("train", job, run_dir=run_dir, context=context)
+    return cluster.submit_prepared(prepared, files={path: f"code/{path.name}" for path in files})
 
 
-def fetch(cluster: Cluster, job: Job, dest: Path, *, names: Sequence[str] = RESULT_FILES) -> list[Path]:
-    """Copy a run's results (and its log) into ``dest``; returns what was copied."""
-    run_dir = job.run_dir or job.info().work_dir
+def fetch(
+    cluster: Submitter, job: Job, dest: str | os.PathLike[str], *, names: Sequence[str] = RESULT_FILES
+) -> list[Path]:
+    """Copy a run's results (and its log, wherever ``--output`` put it) into ``dest``; returns what
+    was copied."""
+    dest = Path(dest)
+    info = job.info()
+    run_dir = job.run_dir or info.work_dir
     if not run_dir:
         raise HpclaunchError(f"job {job.id}: its run directory is unknown (Slurm no longer lists it)")
     transport = cluster.transport
     dest.mkdir(parents=True, exist_ok=True)
-    wanted = [*names, f"slurm-{job.id}.out"]
+    output = job.output_path_hint() or info.stdout_path or f"{run_dir}/slurm-{job.id}.out"
+    remotes = [*(f"{run_dir}/{name}" for name in names), output]
     copied = []
-    for name in wanted:
-        remote = f"{run_dir}/{name}"
+    for remote in dict.fromkeys(remotes):
+        name = posixpath.basename(remote)
         if transport.exists(remote):
             transport.get(remote, str(dest / name))
             copied.append(dest / name)

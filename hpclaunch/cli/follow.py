@@ -9,8 +9,6 @@ from ..console import no_interrupts, say
 from ..errors import HpclaunchError, JobFailed
 from ..job import Job
 
-LOG_TAIL_LINES = 15
-
 
 def follow_job(job: Job, *, stream: bool = True, owner: bool = False) -> None:
     """Print the job's output as it grows (or just wait), then report how it ended.
@@ -36,18 +34,5 @@ def follow_job(job: Job, *, stream: bool = True, owner: bool = False) -> None:
         raise
     if info.state.value != "COMPLETED":
         # The streamed log is already on screen; after a silent wait, show its end.
-        raise JobFailed(f"job {info.describe()}", details=None if stream else log_tail(job))
+        raise JobFailed(f"job {info.describe()}", details=None if stream else job.log_tail())
     say(f"job {info.describe()}")
-
-
-def log_tail(job: Job, lines: int = LOG_TAIL_LINES, *, token: str | None = None) -> str | None:
-    """The last lines of a job's output, for an error report, with ``token`` (a secret) masked;
-    None when it cannot be read."""
-    from ..jupyter.token import redact
-
-    try:
-        text = job.logs()
-    except HpclaunchError:
-        return None
-    tail = [redact(line, token) for line in text.splitlines() if line.strip()][-lines:]
-    return "last lines of the job's log:\n" + ("\n".join("  " + t for t in tail) if tail else "  (empty)")

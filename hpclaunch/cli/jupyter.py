@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import contextlib
-import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from ..console import StatusLine, no_interrupts, say
-from ..errors import HpclaunchError
+from ..console import StatusLine, say
 from .context import AppContext
 from .options import given, job_options
+
+if TYPE_CHECKING:
+    from ..jupyter.session import Session
 
 _SESSION_OPTIONS = [
     click.option(
@@ -194,22 +194,10 @@ def stop(app_ctx: AppContext, job_ids: tuple[str, ...]) -> None:
         say(f"stopped notebook job {job_id}")
 
 
-def _serve(sess: Any, *, keep: bool, open_browser: bool, record: bool = False) -> None:
-    """Show the URL, keep the tunnel up until Ctrl-C or the job ends, then clean up."""
-    from ..jupyter import records
+def _serve(sess: Session, *, keep: bool, open_browser: bool, record: bool = False) -> None:
+    """Show the URL and keep the session until Ctrl-C, TERM/HUP or the job's end (Session.serve)."""
 
-    cluster = sess.cluster
-    ended: Any = None
-    try:  # from the first line on: a Ctrl-C anywhere here still cleans up
-        if record:
-            records.add(
-                job_id=sess.job.id,
-                profile=cluster.profile.name,
-                host=cluster.profile.host,
-                run_dir=sess.job.run_dir,
-                node=sess.location.host,
-                port=sess.location.port,
-            )
+    def ready(sess: Session) -> None:
         click.echo(sess.url)
         say(f"Jupyter is running in job {sess.job.id} on {sess.location.host}.")
         say(f"Same tunnel with OpenSSH: {sess.ssh_command}")
@@ -221,29 +209,9 @@ def _serve(sess: Any, *, keep: bool, open_browser: bool, record: bool = False) -
             import webbrowser
 
             webbrowser.open(sess.url)
-        delay = 2.0
-        while ended is None:
-            time.sleep(delay)
-            try:
-                info = sess.job.info()
-            except HpclaunchError:
-                continue  # a dropped connection: the transport reconnects on the next call
-            if info.is_terminal:
-                ended = info
-    except KeyboardInterrupt:
-        pass
-    finally:
-        with no_interrupts(), contextlib.suppress(HpclaunchError):
-            sess.close(cancel=not keep and ended is None)
-    if ended is not None:
-        from .follow import log_tail
 
-        records.remove(sess.job.id, cluster.profile.name)
-        raise HpclaunchError(
-            f"notebook job {ended.describe()} ended", details=log_tail(sess.job, token=sess.token)
-        )
+    sess.serve(keep=keep, record=record, on_ready=ready)
     if keep:
         say(f"tunnel closed; job {sess.job.id} keeps running: hpclaunch attach {sess.job.id}")
     else:
-        records.remove(sess.job.id, cluster.profile.name)
         say(f"cancelled job {sess.job.id}")

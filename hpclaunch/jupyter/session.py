@@ -1,11 +1,13 @@
-"""The client side of ``hpclaunch jupyter``: submit, find the server, tunnel, verify, hand back a URL.
+"""The client side of ``hpclaunch jupyter``: submit, find the server, tunnel, verify, serve, end.
 
-Every wait here has a deadline and polls with backoff; nothing sleeps a fixed time.
+A :class:`Session` owns its whole life: ``with cluster.jupyter() as s: s.serve()`` from Python behaves
+like the CLI (the tunnel stays up until Ctrl-C, a stop signal or the job's end; then the job is
+cancelled unless kept, and the local record removed). Every wait polls through
+:class:`~hpclaunch.polling.Poller`; nothing sleeps a fixed time.
 """
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import getpass
 import http.client
@@ -13,24 +15,28 @@ import shlex
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+from ..config import Profile, TunnelMode, choice
 from ..console import no_interrupts
-from ..errors import HpclaunchError, JupyterError, TransportError, WaitTimeout
-from ..params import validate_params
-from ..slurm.states import JobInfo, Phase
+from ..errors import HpclaunchError, JupyterError, ParameterError, TransportError, WaitTimeout
+from ..job import Job, LogReader, log_tail
+from ..params import whole_number
+from ..polling import Backoff, Poller
+from ..states import JobInfo, Phase
+from . import records
 from .banner import ServerLocation, find_server
-from .token import new_token, redact
+from .token import new_token
 
 if TYPE_CHECKING:
-    from ..cluster import Cluster
-    from ..job import Job
+    from ..submission import Submitter
     from ..transport.base import Forward, Transport
 
 JOB_PREFIX = "hpclaunch-jupyter"
 TOKEN_FILE = "jupyter.token"  # noqa: S105 - a file name, not a secret
-LOG_TAIL_LINES = 15
+#: The page each front end opens at (Notebook 7's file browser is /tree; a bare server has only /).
+APP_PATHS = {"lab": "/lab", "notebook": "/tree", "server": "/"}
 
 Status = Callable[[str], None]
 
@@ -46,37 +52,131 @@ class JupyterOptions:
     server_timeout: float = 300.0
     queue_timeout: float | None = None
     local_port: int = 0
-    tunnel: str | None = None  # None: the profile's
+    tunnel: TunnelMode | str | None = None  # None: the profile's
     #: Wait for our template's readiness marker (False for a site's own script, whose banner we parse).
     expect_marker: bool = True
+
+    def __post_init__(self) -> None:
+        # Checked like job parameters: several of these are written into the job script.
+        if self.app not in APP_PATHS:
+            raise ParameterError(f"app must be one of {', '.join(APP_PATHS)}, got {self.app!r}")
+        whole_number(0)("idle_timeout", self.idle_timeout)
+        whole_number(1, 86400)("startup_timeout", self.startup_timeout)
+        whole_number(0, 65535)("local_port", self.local_port)
+        for name in ("server_timeout", "queue_timeout"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not value > 0):
+                raise ParameterError(f"{name}: must be a positive number of seconds, got {value!r}")
+        if self.tunnel is not None:
+            object.__setattr__(self, "tunnel", choice(TunnelMode, "tunnel", self.tunnel))
+
+    def resolved(self, profile: Profile) -> JupyterOptions:
+        """These options with the profile's tunnel mode where none was given: decided once."""
+        return self if self.tunnel is not None else replace(self, tunnel=profile.tunnel)
+
+    @property
+    def via_node(self) -> bool:
+        return self.tunnel is TunnelMode.NODE
 
 
 @dataclass
 class Session:
     """A running notebook reached through a local port. ``close()`` ends the tunnel (and the job)."""
 
-    cluster: Cluster
+    cluster: Submitter
     job: Job
     location: ServerLocation
     token: str = field(repr=False)
     local_port: int
-    ssh_command: str
+    options: JupyterOptions
     _tunnel: contextlib.ExitStack = field(default_factory=contextlib.ExitStack, repr=False)
 
     @property
     def url(self) -> str:
-        """The browser URL, token included: show it only to the user."""
-        return (
-            f"http://127.0.0.1:{self.local_port}{self.location.base_url.rstrip('/')}/lab?token={self.token}"
-        )
+        """The browser URL of the chosen front end, token included: show it only to the user."""
+        return f"{self.api_url}{APP_PATHS[self.options.app]}?token={self.token}"
 
     @property
     def api_url(self) -> str:
         return f"http://127.0.0.1:{self.local_port}{self.location.base_url.rstrip('/')}"
 
+    @property
+    def ssh_command(self) -> str:
+        """The same tunnel with the user's own OpenSSH (for the tunnel mode this session uses)."""
+        return ssh_command(
+            self.cluster.profile, self.location, self.local_port, via_node=self.options.via_node
+        )
+
     def check(self, timeout: float = 10.0) -> int:
         """An authenticated ``GET /api/status`` through the tunnel; returns the HTTP status."""
         return wait_for_http(self.local_port, self.location.base_url, self.token, timeout=timeout)
+
+    def serve(
+        self,
+        *,
+        keep: bool = False,
+        record: bool = True,
+        on_ready: Callable[[Session], None] | None = None,
+        check_every: float = 2.0,
+        give_up_after: float = 120.0,
+    ) -> None:
+        """Keep the tunnel until Ctrl-C (or TERM/HUP in the CLI) or the job's end, then clean up.
+
+        ``on_ready`` is called once the session is up (the CLI prints the URL there). On an
+        interrupt the job is cancelled unless ``keep``; the interrupt is not re-raised. Raises
+        JupyterError when the job ended by itself, or when the cluster could not be reached for
+        ``give_up_after`` seconds (the error names the cause; the job may still run).
+        """
+        ended: JobInfo | None = None
+        try:  # from the first line on: a Ctrl-C anywhere here still cleans up
+            if record:
+                records.add(
+                    job_id=self.job.id,
+                    profile=self.cluster.profile.name,
+                    host=self.cluster.profile.host,
+                    run_dir=self.job.run_dir,
+                    node=self.location.host,
+                    port=self.location.port,
+                )
+            if on_ready is not None:
+                on_ready(self)
+            ended = self._watch(check_every, give_up_after)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            # Also on any other error: close the tunnel, and cancel the job unless it is kept.
+            with no_interrupts():
+                with contextlib.suppress(HpclaunchError):
+                    self.close(cancel=not keep and ended is None)
+                if record and (ended is not None or not keep):
+                    with contextlib.suppress(OSError):
+                        records.remove(self.job.id, self.cluster.profile.name)
+        if ended is not None:
+            raise JupyterError(
+                f"notebook job {ended.describe()} ended", details=self.job.log_tail(secret=self.token)
+            )
+
+    def _watch(self, check_every: float, give_up_after: float) -> JobInfo:
+        """Poll the job until it ends; a cluster that stays unreachable is an error, not a hang."""
+        failing_since: float | None = None
+        for _ in Poller(Backoff(check_every, check_every, jitter=0.1)):
+            try:
+                info = self.job.info()
+            except HpclaunchError as err:
+                now = time.monotonic()
+                failing_since = failing_since or now
+                if now - failing_since >= give_up_after:
+                    raise JupyterError(
+                        f"lost the connection to the cluster for {now - failing_since:.0f} s: "
+                        + err.one_line(),
+                        hint=f"job {self.job.id} may still be running: check with `hpclaunch sessions`, "
+                        f"end it with `hpclaunch stop {self.job.id}`",
+                    ) from None
+                continue  # the transport reconnects on the next call
+            failing_since = None
+            if info.is_terminal:
+                return info
+        raise AssertionError("unreachable: the poller has no deadline")
 
     def close(self, *, cancel: bool = True) -> None:
         """Close the tunnel; cancel the job too unless ``cancel`` is False."""
@@ -94,24 +194,23 @@ class Session:
 
 
 def start(
-    cluster: Cluster,
+    cluster: Submitter,
     options: JupyterOptions,
     params: dict[str, Any],
     *,
     status: Status = lambda _msg: None,
 ) -> Session:
     """Submit a notebook job and return a verified session; on any failure the job is cancelled."""
-    params = validate_params(params)  # a bad value is refused before a run directory and token exist
-    params.setdefault("job_name", JOB_PREFIX)
+    options = options.resolved(cluster.profile)
+    job_params = cluster.resolve_job(params, default_name=JOB_PREFIX)
     token = new_token()
-    transport = cluster.transport
-    run_dir = cluster.new_run_dir(params["job_name"])
-    transport.makedirs(run_dir, mode=0o700)
-    token_path = f"{run_dir}/{TOKEN_FILE}"
-    with cluster.removed_on_error(run_dir):
-        transport.write_text(token_path, token, mode=0o600)  # read verbatim by jupyter_server: no newline
-    context = template_context(cluster, options, token_path)
-    job = cluster.submit_prepared("jupyter", run_dir=run_dir, context=context, params=params)
+    run_dir = cluster.new_run_dir(job_params["job_name"])
+    # Rendered before anything is written: a bad value leaves no run directory and no token file.
+    prepared = cluster.prepare(
+        "jupyter", job_params, run_dir=run_dir, context=template_context(cluster, options, run_dir)
+    )
+    # The token file is read verbatim by jupyter_server: no newline.
+    job = cluster.submit_prepared(prepared, texts={TOKEN_FILE: token})
     status(f"submitted job {job.id}")
     try:
         location = wait_for_server(job, options, status=status, token=token)
@@ -123,14 +222,13 @@ def start(
         raise
 
 
-def template_context(cluster: Cluster, options: JupyterOptions, token_path: str) -> dict[str, Any]:
-    """What ``templates/jupyter.sbatch.j2`` needs besides the job parameters."""
-    tunnel = options.tunnel or cluster.profile.tunnel
+def template_context(cluster: Submitter, options: JupyterOptions, run_dir: str) -> dict[str, Any]:
+    """What ``templates/jupyter.sbatch.j2`` needs besides the job parameters (``options`` resolved)."""
     return {
         "jupyter": {
             "app": options.app,
-            "bind": "loopback" if tunnel == "node" else "node",
-            "token_file": token_path,
+            "bind": "loopback" if options.via_node else "node",
+            "token_file": f"{run_dir}/{TOKEN_FILE}",
             "idle_timeout": options.idle_timeout,
             "root_dir": cluster.transport.expand(options.root_dir),
             "startup_timeout": options.startup_timeout,
@@ -139,9 +237,10 @@ def template_context(cluster: Cluster, options: JupyterOptions, token_path: str)
 
 
 def attach(
-    cluster: Cluster, job_id: str, options: JupyterOptions, *, status: Status = lambda _msg: None
+    cluster: Submitter, job_id: str, options: JupyterOptions, *, status: Status = lambda _msg: None
 ) -> Session:
     """Reach a running notebook job again, reading its token back from the 0600 file in its run directory."""
+    options = options.resolved(cluster.profile)
     job = cluster.job(job_id)
     info = job.info()
     if info.phase is not Phase.RUNNING:
@@ -165,27 +264,27 @@ def wait_for_server(
 ) -> ServerLocation:
     """Poll the queue and the job's output until the server's marker appears, within the deadlines.
 
-    A log shown in an error has ``token`` masked.
+    While the job runs the log is read every 50 ms and Slurm asked about once a second. A log shown
+    in an error has ``token`` masked. Only a log that does not exist yet means "not written yet":
+    any other error reading it (a permission, the connection) is raised at once.
     """
-    transport = job.cluster.transport
-    output = job.output_path_hint()
-    start = time.monotonic()
+    reader = LogReader(job.cluster.transport, job.output_path_hint())
+    text = ""
     running_since: float | None = None
-    log = _LogReader(transport)
     info = job.info()
     next_state_check = time.monotonic()
-    delay = 0.05
-    while True:
+    poller = Poller(Backoff(initial=0.05, maximum=0.5, factor=1.4, jitter=0.0))
+    for waited in poller:
         now = time.monotonic()
         if now >= next_state_check:
             info = job.info()
-            # While it runs only the log matters: ask Slurm about once a second, read the log often.
             next_state_check = now + (1.0 if info.phase is Phase.RUNNING else 0.0)
         if info.phase is Phase.RUNNING:
+            poller.progress()  # the log is what matters now: read it at the initial 50 ms
             running_since = running_since or now
-            if output is None:
-                output = job.output_path()
-            text = log.read(output)
+            if reader.path is None:
+                reader.path = job.output_path()
+            text += reader.read_new()
             location = find_server(text)
             # Our template announces readiness with its marker after the server answers; Jupyter's own
             # banner comes earlier and names the bind address, which may not be reachable from outside.
@@ -195,19 +294,18 @@ def wait_for_server(
                 raise JupyterError(
                     f"job {job.id} is running but Jupyter did not start "
                     f"within {options.server_timeout:.0f} s",
-                    hint=f"the job is cancelled; its log is {output}",
-                    details=_tail(text, token=token),
+                    hint=f"the job is cancelled; its log is {reader.path}",
+                    details=log_tail(text, secret=token),
                 )
             status(f"job {job.id} running on {info.node_list or '?'}, waiting for Jupyter")
-            time.sleep(0.05)
             continue
         if info.is_terminal:
-            text = _read(transport, output or _safe_output(job))
             raise JupyterError(
-                f"job {info.describe()} ended before Jupyter started", details=_tail(text, token=token)
+                f"job {info.describe()} ended before Jupyter started",
+                details=job.log_tail(secret=token) or log_tail(text, secret=token),
             )
         if info.phase is Phase.PENDING:
-            if options.queue_timeout is not None and now - start > options.queue_timeout:
+            if options.queue_timeout is not None and waited > options.queue_timeout:
                 raise WaitTimeout(
                     f"job {job.id} still pending after {options.queue_timeout:.0f} s "
                     f"({info.reason or 'no reason given'})",
@@ -216,31 +314,11 @@ def wait_for_server(
             status(_pending_line(info))
         else:
             status(f"job {job.id}: {info.state.value}")
-        time.sleep(delay)
-        delay = min(0.5, delay * 1.4)
-
-
-class _LogReader:
-    """Reads a growing job log from where it left off (the whole file is re-read by nobody)."""
-
-    def __init__(self, transport: Any) -> None:
-        self.transport = transport
-        self.offset = 0
-        self.text = ""
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def read(self, path: str) -> str:
-        try:
-            data = self.transport.read_bytes(path, offset=self.offset)
-        except TransportError:  # not created yet
-            return self.text
-        self.offset += len(data)
-        self.text += self._decoder.decode(data)
-        return self.text
+    raise AssertionError("unreachable: the poller has no deadline")
 
 
 def connect(
-    cluster: Cluster,
+    cluster: Submitter,
     job: Job,
     location: ServerLocation,
     token: str,
@@ -249,12 +327,14 @@ def connect(
     status: Status,
 ) -> Session:
     """Open the tunnel (or, on a login node, reach the server directly) and check it with the token."""
+    options = options.resolved(cluster.profile)
     stack = contextlib.ExitStack()
     try:
-        via, target_host = cluster.transport, location.host
-        if (options.tunnel or cluster.profile.tunnel) == "node":
+        via: Transport = cluster.transport
+        target_host = location.host
+        if options.via_node:
             # Jupyter listens on the node's 127.0.0.1: log in to the node through the login host.
-            via = stack.enter_context(node_transport(cluster, location.host))
+            via = stack.enter_context(node_transport(cluster.profile, location.host))
             via.connect()  # now: a refused login says why, instead of a silent tunnel until the timeout
             target_host = "127.0.0.1"
         forward: Forward = stack.enter_context(
@@ -269,7 +349,7 @@ def connect(
             location=location,
             token=token,
             local_port=forward.local_port,
-            ssh_command=ssh_command(cluster, location, forward.local_port),
+            options=options,
             _tunnel=stack,
         )
         code = session.check(timeout=options.server_timeout)
@@ -281,11 +361,10 @@ def connect(
         raise
 
 
-def node_transport(cluster: Cluster, node: str) -> Transport:
+def node_transport(profile: Profile, node: str) -> Transport:
     """An SSH login to a compute node, jumping through the login host when there is one."""
     from ..transport.ssh import SSHTransport
 
-    profile = cluster.profile
     jump = None
     if profile.host:
         jump = f"{profile.user}@{profile.host}" if profile.user else profile.host
@@ -302,16 +381,15 @@ def node_transport(cluster: Cluster, node: str) -> Transport:
     )
 
 
-def ssh_command(cluster: Cluster, location: ServerLocation, local_port: int) -> str:
+def ssh_command(profile: Profile, location: ServerLocation, local_port: int, *, via_node: bool) -> str:
     """The OpenSSH command that gives the same tunnel, for a laptop user who prefers their own ssh."""
-    profile = cluster.profile
     if profile.host:
         login = f"{profile.user}@{profile.host}" if profile.user else profile.host
         port = ["-p", str(profile.port)] if profile.port else []
     else:  # on the login node itself: the laptop connects to this machine
         login = f"{getpass.getuser()}@{socket.getfqdn()}"
         port = []
-    if profile.tunnel == "node":
+    if via_node:
         jump = login + (f":{profile.port}" if profile.port else "")
         node_port = ["-p", str(profile.node_ssh_port)] if profile.node_ssh_port else []
         forward = f"{local_port}:127.0.0.1:{location.port}"
@@ -322,10 +400,14 @@ def ssh_command(cluster: Cluster, location: ServerLocation, local_port: int) -> 
 
 def wait_for_http(local_port: int, base_url: str, token: str, *, timeout: float) -> int:
     """Poll an authenticated ``GET /api/status`` until the server answers or ``timeout`` passes."""
-    deadline = time.monotonic() + timeout
-    delay = 0.02
     path = base_url.rstrip("/") + "/api/status"
-    while True:
+    last_error: list[OSError] = []
+
+    def gave_up(waited: float) -> JupyterError:
+        cause = f": {last_error[-1]}" if last_error else ""
+        return JupyterError(f"no answer from Jupyter through the tunnel within {waited:.0f} s{cause}")
+
+    for _ in Poller(Backoff(initial=0.02, maximum=0.5, factor=1.5), timeout=timeout, on_timeout=gave_up):
         try:
             conn = http.client.HTTPConnection("127.0.0.1", local_port, timeout=5)
             conn.request("GET", path, headers={"Authorization": f"token {token}"})
@@ -333,10 +415,9 @@ def wait_for_http(local_port: int, base_url: str, token: str, *, timeout: float)
             conn.close()
             return code
         except OSError as err:
-            if time.monotonic() > deadline:
-                raise JupyterError(f"no answer from Jupyter through the tunnel: {err}") from None
-            time.sleep(delay)
-            delay = min(0.5, delay * 1.5)
+            last_error.append(err)
+            del last_error[:-1]
+    raise AssertionError("unreachable: the poller raises at its deadline")
 
 
 def _pending_line(info: JobInfo) -> str:
@@ -346,26 +427,3 @@ def _pending_line(info: JobInfo) -> str:
     if info.estimated_start:
         text += f", estimated start {info.estimated_start:%Y-%m-%d %H:%M}"
     return text
-
-
-def _read(transport: Any, path: str | None) -> str:
-    if not path:
-        return ""
-    try:
-        return str(transport.read_text(path)) if transport.exists(path) else ""
-    except TransportError:
-        return ""
-
-
-def _safe_output(job: Job) -> str | None:
-    try:
-        return job.output_path()
-    except HpclaunchError:
-        return None
-
-
-def _tail(text: str, lines: int = LOG_TAIL_LINES, *, token: str | None = None) -> str:
-    tail = [redact(line, token) for line in text.splitlines() if line.strip()][-lines:]
-    return "last lines of the job's log:\n" + (
-        "\n".join("  " + line for line in tail) if tail else "  (empty)"
-    )

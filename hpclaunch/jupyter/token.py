@@ -8,22 +8,12 @@ from __future__ import annotations
 
 import secrets
 
-__all__ = ["new_token", "redact"]
+from ..console import REDACTED, redact
 
-REDACTED = "***"
+__all__ = ["REDACTED", "new_token", "redact"]
+
 
 
 def new_token() -> str:
     """A 256-bit random token in hex, the alphabet Jupyter's own generated tokens use."""
     return secrets.token_hex(32)
-
-
-def redact(text: str, token: str | None) -> str:
-    """``text`` with every occurrence of ``token`` replaced by ``***``.
-
-    An empty or missing token leaves the text alone: replacing '' would splice '***'
-    between every character.
-    """
-    if not token:
-        return text
-    return text.replace(token, REDACTED)

@@ -15,9 +15,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from hpclaunch.errors import CommandTimeout, SlurmError, SlurmUnavailable, SubmissionRejected
-from hpclaunch.scheduler import Backoff, UpdateCallback, wait_for
+from hpclaunch.polling import Backoff, Poller, UpdateCallback, wait_for
+from hpclaunch.scheduler import Capabilities
 from hpclaunch.slurm import parse
-from hpclaunch.slurm.states import JobInfo, JobState, Phase
+from hpclaunch.states import JobInfo, JobState, Phase
 from hpclaunch.transport.base import CommandResult, Transport
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,10 @@ class RetryPolicy:
     backoff: Backoff = dataclasses.field(default_factory=lambda: Backoff(initial=0.5, maximum=8.0))
 
 
+class _RetriesSpent(Exception):
+    """The retry deadline passed: the last result stands."""
+
+
 @dataclass
 class _Lookup:
     """What one round of queries learned: records by source, and why ids could not be resolved."""
@@ -56,6 +61,7 @@ class SlurmClient:
     """Slurm over a :class:`~hpclaunch.transport.base.Transport` (this machine, or one SSH connection)."""
 
     name = "slurm"
+    capabilities = Capabilities(arrays=True, cancel_array=True, runs_here=False)
 
     def __init__(
         self,
@@ -96,28 +102,37 @@ class SlurmClient:
         Returns the last result, failed or not; the caller decides what a failure means.
         """
         full_env = {**parse.QUERY_ENV, **(env or {})}
-        deadline = self._clock() + self.retry.deadline
-        delays = self.retry.backoff.delays(self._rng)
-        while True:
-            try:
-                result = self._transport.run(
-                    argv, stdin=stdin, timeout=self.command_timeout, check=False, env=full_env
-                )
-            except CommandTimeout as exc:
-                # A hung squeue is the controller being slow: as transient as "Socket timed out".
-                result = CommandResult(tuple(argv), 124, "", f"Socket timed out: {exc.message}")
-            if result.ok:
-                return result
-            text = result.stderr or result.stdout
-            transient = parse.classify_error(text) == "transient"
-            if retry_if is not None:
-                transient = transient and retry_if(text)
-            now = self._clock()
-            if not transient or now >= deadline:
-                return result
-            delay = min(next(delays), max(0.0, deadline - now))
-            log.debug("%s: transient error (%s); retrying in %.1f s", argv[0], text.strip(), delay)
-            self._sleep(delay)
+        result: CommandResult | None = None
+        poller = Poller(
+            self.retry.backoff,
+            timeout=self.retry.deadline,
+            on_timeout=lambda _waited: _RetriesSpent(),
+            sleep=self._sleep,
+            clock=self._clock,
+            rng=self._rng,
+        )
+        try:
+            for _ in poller:
+                try:
+                    result = self._transport.run(
+                        argv, stdin=stdin, timeout=self.command_timeout, check=False, env=full_env
+                    )
+                except CommandTimeout as exc:
+                    # A hung squeue is the controller being slow: as transient as "Socket timed out".
+                    result = CommandResult(tuple(argv), 124, "", f"Socket timed out: {exc.message}")
+                if result.ok:
+                    return result
+                text = result.stderr or result.stdout
+                transient = parse.classify_error(text) == "transient"
+                if retry_if is not None:
+                    transient = transient and retry_if(text)
+                if not transient:
+                    return result
+                log.debug("%s: transient error (%s); retrying", argv[0], text.strip())
+        except _RetriesSpent:
+            pass
+        assert result is not None  # the first round always runs
+        return result
 
     # -- submitting ------------------------------------------------------------------------------------
 
@@ -140,11 +155,23 @@ class SlurmClient:
             argv.append(f"--chdir={workdir}")
         return self._sbatch(argv, stdin=script_text, env=env)
 
-    def submit_file(
-        self, path: str, sbatch_args: Sequence[str] = (), *, env: Mapping[str, str] | None = None
-    ) -> str:
-        """Submit a job script that already lies on the cluster side at ``path``; return its id."""
-        return self._sbatch(["sbatch", "--parsable", *self._check_args(sbatch_args), path], env=env)
+    def submit_array(
+        self, script_text: str, *, count: int, workdir: str, env: Mapping[str, str] | None = None
+    ) -> tuple[str, list[str]]:
+        """One sbatch of a script with its own ``#SBATCH --array`` line; tasks are ``ID_0``..."""
+        array_id = self.submit(script_text, workdir=workdir, env=env)
+        return array_id, [f"{array_id}_{index}" for index in range(count)]
+
+    def gpus_per_node(self, partition: str | None) -> int | None:
+        """The most GPUs any node of the partition has, from ``sinfo``; None when it cannot be told
+        (sinfo failed, or shows no GPUs: a mistyped partition must not read as "0 per node")."""
+        argv = ["sinfo", "-h", "-o", "%G"]
+        if partition:
+            argv += ["-p", partition]
+        result = self._run(argv)
+        if not result.ok:
+            return None
+        return parse.parse_sinfo_gpus(result.stdout)
 
     @staticmethod
     def _check_args(args: Sequence[str]) -> list[str]:
@@ -342,16 +369,6 @@ class SlurmClient:
                 hint="the job may still be running; try again",
             )
         raise SlurmError(f"could not cancel job {job_id}: {parse.slurm_message(text)}")
-
-    def requeue(self, job_id: str) -> None:
-        """Put a running or finished batch job back in the queue (``scontrol requeue``)."""
-        job_id = str(job_id).strip()
-        if not parse.is_job_id(job_id):
-            raise SlurmError(f"not a Slurm job id: {job_id!r}")
-        result = self._run(["scontrol", "requeue", job_id])
-        if not result.ok:
-            text = result.stderr or result.stdout
-            raise SlurmError(f"could not requeue job {job_id}: {parse.slurm_message(text)}")
 
     def wait(
         self,

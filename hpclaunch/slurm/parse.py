@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Literal
 
 from hpclaunch.errors import SlurmError
-from hpclaunch.slurm.states import JobInfo, JobState
+from hpclaunch.states import JobInfo, JobState
 
 #: Separates fields of squeue and sacct output. Job names may hold ``|``; they are also printed last,
 #: so even a name holding the delimiter survives a split bounded by the number of fields.
@@ -543,3 +543,13 @@ def slurm_message(stderr: str, stdout: str = "") -> str:
 def ids_csv(job_ids: Iterable[str]) -> str:
     """Join ids for ``-j``."""
     return ",".join(job_ids)
+
+
+_GRES_GPUS = re.compile(r"gpu(?::[^:,(]+)?:(\d+)")
+
+
+def parse_sinfo_gpus(text: str) -> int | None:
+    """The most GPUs per node in ``sinfo -h -o %G`` output (``gpu:2``, ``gpu:a100:4(S:0-1)``, ``(null)``);
+    None when no node lists any."""
+    counts = [int(m.group(1)) for gres in text.split() for m in _GRES_GPUS.finditer(gres)]
+    return max(counts) if counts else None

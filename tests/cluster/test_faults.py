@@ -29,7 +29,7 @@ from hpclaunch.cluster import Cluster
 from hpclaunch.errors import ConnectionFailed, SlurmUnavailable, SubmissionRejected
 from hpclaunch.scheduler import Backoff
 from hpclaunch.slurm.client import RetryPolicy, SlurmClient
-from hpclaunch.slurm.states import JobInfo, JobState, Phase
+from hpclaunch.states import JobInfo, JobState, Phase
 from hpclaunch.transport.base import CommandResult
 from hpclaunch.transport.local import LocalTransport
 from hpclaunch.transport.ssh import SSHTransport

@@ -13,7 +13,7 @@ import pytest
 
 from hpclaunch.errors import SubmissionRejected
 from hpclaunch.slurm.client import SlurmClient
-from hpclaunch.slurm.states import JobState, Phase
+from hpclaunch.states import JobState, Phase
 from hpclaunch.transport import Transport, connect
 from hpclaunch.transport.base import CommandResult
 
@@ -165,16 +165,15 @@ def test_unknown_id_is_unknown_not_failed(client: SlurmClient) -> None:
     assert info.state is JobState.UNKNOWN and not info.is_terminal
 
 
-def test_submit_file_and_requeue(client: SlurmClient, transport: Transport, workdir: str) -> None:
-    path = f"{workdir}/job.sh"
-    transport.write_text(path, HEADER + "#SBATCH -J hl-requeue\nsleep 300\n", mode=0o700)
-    job_id = client.submit_file(path, ["--chdir", workdir, "--requeue"])
+def test_requeue_counts_restarts(client: SlurmClient, transport: Transport, workdir: str) -> None:
+    script = HEADER + "#SBATCH -J hl-requeue\nsleep 300\n"
+    job_id = client.submit(script, sbatch_args=["--requeue"], workdir=workdir)
     client.submitted.append(job_id)  # type: ignore[attr-defined]
     deadline = time.monotonic() + 30
     while (info := client.info(job_id)).state is not JobState.RUNNING and time.monotonic() < deadline:
         time.sleep(0.1)
     assert info.state is JobState.RUNNING, info
-    client.requeue(job_id)
+    transport.run(["scontrol", "requeue", job_id])
     deadline = time.monotonic() + 30
     while (info := client.info(job_id)).restart_count < 1 and time.monotonic() < deadline:
         time.sleep(0.1)

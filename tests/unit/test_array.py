@@ -138,16 +138,15 @@ def test_render_of_an_array_script_reads_the_task_parameters() -> None:
             "command_line": 'python train.py --lr "${HPCLAUNCH_PARAM_LR}"',
         }
     }
-    script, _, _ = cluster._prepare(
+    script = cluster.prepare(
         "run",
-        ["python"],
-        None,
-        run_dir,
-        {},
-        context,
+        cluster.resolve_job({}, default_name="hpclaunch-run"),
+        run_dir=run_dir,
+        command=["python"],
+        context=context,
         output_name="slurm-%A_%a.out",
         more_directives=["--array=0-2%2"],
-    )
+    ).script
     header = [line for line in script.splitlines() if line.startswith("#SBATCH")]
     assert "#SBATCH --array=0-2%2" in header
     assert f"#SBATCH --output={run_dir}/slurm-%A_%a.out" in header

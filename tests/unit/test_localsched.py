@@ -12,7 +12,7 @@ import pytest
 from hpclaunch.errors import SlurmError, SubmissionRejected, WaitTimeout
 from hpclaunch.localsched import LocalScheduler, parse_sbatch_options, sbatch_header_args
 from hpclaunch.scheduler import Scheduler
-from hpclaunch.slurm.states import JobState, Phase
+from hpclaunch.states import JobState, Phase
 
 
 @pytest.fixture

@@ -16,9 +16,8 @@ from pathlib import Path
 import pytest
 
 from hpclaunch.cli import main
-from hpclaunch.cli.follow import log_tail
 from hpclaunch.errors import HpclaunchWarning
-from hpclaunch.jupyter import session as jsession
+from hpclaunch.job import Job, log_tail
 from hpclaunch.jupyter.token import REDACTED, new_token, redact
 from hpclaunch.transport import ssh as ssh_mod
 
@@ -223,16 +222,25 @@ def test_ssh_transport_warns_when_it_loads_an_exposed_key(tmp_path: Path) -> Non
 # --- secrets in error output ----------------------------------------------------------------------------
 
 
-class FakeJob:
+class FakeFiles:
+    """Just the file reading a Job's log needs."""
+
     def __init__(self, text: str) -> None:
         self.text = text
 
-    def logs(self) -> str:
+    def read_text(self, path: str) -> str:
         return self.text
+
+
+class FakeHost:
+    def __init__(self, text: str) -> None:
+        self.transport = FakeFiles(text)
+        self.scheduler = None
 
 
 def test_log_tails_in_errors_mask_the_token() -> None:
     token = new_token()
     log = f"starting\nhttp://node1:8888/lab?token={token}\nfailed with {token}\n"
-    for tail in (jsession._tail(log, token=token), log_tail(FakeJob(log), token=token)):  # type: ignore[arg-type]
+    job = Job(FakeHost(log), "1", output="/log")  # type: ignore[arg-type]
+    for tail in (log_tail(log, secret=token), job.log_tail(secret=token)):
         assert tail is not None and token not in tail and REDACTED in tail and "starting" in tail

@@ -13,7 +13,7 @@ import pytest
 from hpclaunch.errors import SlurmError, SlurmUnavailable, SubmissionRejected, WaitTimeout
 from hpclaunch.slurm import parse
 from hpclaunch.slurm.client import RetryPolicy, SlurmClient
-from hpclaunch.slurm.states import JobInfo, JobState, Phase
+from hpclaunch.states import JobInfo, JobState, Phase
 from hpclaunch.transport.base import CommandResult, Forward, Transport
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "slurm"
