@@ -23,7 +23,12 @@ from .errors import (
     WaitTimeout,
 )
 
-__version__ = "0.1.0"
+try:  # written once, in pyproject.toml
+    from importlib.metadata import PackageNotFoundError, version
+
+    __version__ = version("hpclaunch")
+except PackageNotFoundError:  # pragma: no cover - run from a tree that was never installed
+    __version__ = "0+unknown"
 
 if TYPE_CHECKING:
     from .array import ArrayJob

@@ -100,7 +100,8 @@ def _ignoring(signals: tuple[signal.Signals, ...]) -> Iterator[None]:
 
 def _interrupt_once(signum: int, frame: object) -> None:
     for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+        if signal.getsignal(sig) is _interrupt_once:
+            signal.signal(sig, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
@@ -111,17 +112,17 @@ def interrupt_once() -> Iterator[None]:
 
     The first one starts the cleanup (cancel the job, close the tunnel) and the exit; a second press
     a moment later must not cut that short, nor kill the process during its exit (Python puts Ctrl-C
-    back to the OS default while shutting down). Without an interrupt the previous handlers come back.
+    back to the OS default while shutting down). A signal that arrived ignored stays ignored (nohup's
+    HUP; the INT of `cmd &` in a script, of cron and of systemd), but the others still end the session
+    cleanly: `kill PID` of a background notebook cancels its job. Afterwards the previous handlers
+    come back.
     """
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler  # e.g. ignored by nohup
-    ):
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
     previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
     for sig in STOP_SIGNALS:
-        if previous[sig] is not signal.SIG_IGN:  # nohup's ignored HUP stays ignored
+        if previous[sig] is not signal.SIG_IGN:
             signal.signal(sig, _interrupt_once)
     try:
         yield

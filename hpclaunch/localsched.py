@@ -5,6 +5,10 @@ It offers the same methods as SlurmClient, and gives the script what a one-node 
 expanded like sbatch does), and an ``srun`` on PATH that just runs its command. Each job keeps its state
 in a directory: ``meta.json``, the script, ``exitcode`` (written by a small bash wrapper) and
 ``cancelled``.
+
+Longer than most modules on purpose: it is a whole (small) scheduler — ids, state directories,
+process groups, Slurm's filename patterns and environment, cancel with grace — and each part only
+makes sense next to the others.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from hpclaunch.errors import SlurmError, SubmissionRejected
+from hpclaunch.errors import JobNotFound, SlurmError, SubmissionRejected
 from hpclaunch.polling import UpdateCallback, wait_for
 from hpclaunch.scheduler import Capabilities
 from hpclaunch.slurm.parse import expand_filename_pattern
@@ -506,7 +510,9 @@ class LocalScheduler:
         try:
             meta = _Meta.load(job_dir / "meta.json")
         except FileNotFoundError:
-            return
+            raise JobNotFound(
+                f"no local job {job_id} in {self.state_dir}", hint="see `hpclaunch -p local status`"
+            ) from None
         if not self._alive(job_id, meta):
             return
         if number is not None:

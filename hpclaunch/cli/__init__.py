@@ -131,6 +131,23 @@ def _show_warning(
         sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
 
 
+def debug_requested(args: list[str]) -> bool:
+    """Whether ``--debug`` is one of hpclaunch's own options: they come before the command's name,
+    so a ``--debug`` after it (or after ``--``, meant for the job) is not ours."""
+    takes_value = {"-p", "--profile", "--config", "--host", "--user", "--port", "--template-dir"}
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--debug":
+            return True
+        elif arg == "--" or arg in _COMMANDS:
+            return False
+        else:
+            skip = arg in takes_value
+    return False
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: runs the CLI and turns errors into one line and an exit code."""
     with warnings.catch_warnings(), interrupt_once():
@@ -141,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _main(argv: list[str] | None) -> None:
     args = sys.argv[1:] if argv is None else argv
-    debug = "--debug" in args or os.environ.get("HPCLAUNCH_DEBUG", "") not in ("", "0")
+    debug = debug_requested(args) or os.environ.get("HPCLAUNCH_DEBUG", "") not in ("", "0")
     prog = "hpclaunch"
     try:
         code = cli.main(args=args, prog_name=prog, standalone_mode=False)

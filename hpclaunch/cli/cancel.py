@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from ..console import say
+from ..errors import JobNotFound
 from .context import AppContext
 
 
@@ -15,6 +16,16 @@ def command(app: AppContext, job_ids: tuple[str, ...]) -> None:
     """Cancel the jobs JOB_IDS."""
     cluster = app.cluster()
     jobs = [cluster.job(job_id) for job_id in job_ids]  # every id checked before any is cancelled
+    unknown: list[str] = []
     for job in jobs:
-        job.cancel()
+        try:
+            job.cancel()
+        except JobNotFound:
+            unknown.append(job.id)
+            continue
         say(f"cancelled job {job.id}")
+    if unknown:
+        others = " (the others were cancelled)" if len(unknown) < len(jobs) else ""
+        raise JobNotFound(
+            f"no such job: {', '.join(unknown)}{others}", hint="check the ids with `hpclaunch status`"
+        )

@@ -14,7 +14,13 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from hpclaunch.errors import CommandTimeout, SlurmError, SlurmUnavailable, SubmissionRejected
+from hpclaunch.errors import (
+    CommandTimeout,
+    JobNotFound,
+    SlurmError,
+    SlurmUnavailable,
+    SubmissionRejected,
+)
 from hpclaunch.polling import Backoff, Poller, UpdateCallback, wait_for
 from hpclaunch.scheduler import Capabilities
 from hpclaunch.slurm import parse
@@ -345,11 +351,13 @@ class SlurmClient:
     # -- acting on jobs --------------------------------------------------------------------------------
 
     def cancel(self, job_id: str, *, signal: str | None = None, batch_only: bool = False) -> None:
-        """``scancel`` a job, or only send it ``signal``; a job that already ended is not an error."""
+        """``scancel`` a job, or only send it ``signal``; a job that already ended is not an error, one
+        that Slurm does not know at all is (JobNotFound)."""
         job_id = str(job_id).strip()
         if not parse.is_job_id(job_id):
             raise SlurmError(f"not a Slurm job id: {job_id!r}")
-        argv = ["scancel"]
+        # Without --verbose, scancel of an id it does not know prints nothing and exits 0.
+        argv = ["scancel", "--verbose"]
         if signal is not None:
             if not _SIGNAL.match(str(signal).upper()):
                 raise SlurmError(f"not a signal name or number: {signal!r}")
@@ -358,10 +366,15 @@ class SlurmClient:
             argv.append("--batch")
         argv.append(job_id)
         result = self._run(argv)
-        if result.ok:
-            return
         text = result.stderr or result.stdout
-        if parse.already_finished(text) or parse.classify_error(text) == "invalid_job":
+        if parse.already_finished(text):
+            return
+        if parse.classify_error(text) == "invalid_job":
+            raise JobNotFound(
+                f"no job {job_id} is known to Slurm",
+                hint="check the id with `hpclaunch status`; Slurm forgets a job some minutes after it ends",
+            )
+        if result.ok:
             return
         if parse.classify_error(text) == "transient":
             raise SlurmUnavailable(

@@ -1,6 +1,10 @@
 """Pure parsers of Slurm's machine-readable output. No I/O here: tests feed them captured real output.
 
 The argv that produce each format live here too, so a format and its parser cannot drift apart.
+
+Longer than most modules on purpose: one pure function per Slurm output format (sbatch, squeue,
+scontrol, sacct, sinfo, error messages), side by side with the argv that produces each, so the golden
+tests in ``tests/unit/test_slurm_parse.py`` cover every format in one place.
 """
 
 from __future__ import annotations

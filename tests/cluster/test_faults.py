@@ -27,7 +27,7 @@ import pytest
 
 from hpclaunch.cluster import Cluster
 from hpclaunch.errors import ConnectionFailed, SlurmUnavailable, SubmissionRejected
-from hpclaunch.scheduler import Backoff
+from hpclaunch.polling import Backoff
 from hpclaunch.slurm.client import RetryPolicy, SlurmClient
 from hpclaunch.states import JobInfo, JobState, Phase
 from hpclaunch.transport.base import CommandResult

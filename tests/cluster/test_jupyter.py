@@ -53,14 +53,25 @@ class Running:
         return f"http://127.0.0.1:{self.local_port}"
 
 
-def start_jupyter(env: dict[str, str], *args: str) -> Running:
-    """Run `hpclaunch jupyter --no-browser` and read the URL (stdout) and the job (stderr)."""
+def _ignore_sigint() -> None:
+    # What a background job of a non-interactive shell starts with (`cmd &` in a script, cron, nohup &).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def start_jupyter(
+    env: dict[str, str], *args: str, prefix: tuple[str, ...] = (), sigint_ignored: bool = False
+) -> Running:
+    """Run `hpclaunch jupyter --no-browser` and read the URL (stdout) and the job (stderr).
+
+    ``prefix`` runs it under another command (``nohup``); ``sigint_ignored`` starts it as a script's
+    background job starts."""
     proc = subprocess.Popen(
-        hpclaunch_argv("jupyter", "--no-browser", *args),
+        [*prefix, *hpclaunch_argv("jupyter", "--no-browser", *args)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_ignore_sigint if sigint_ignored else None,
     )
     assert proc.stdout is not None and proc.stderr is not None
     url = proc.stdout.readline().strip()
@@ -213,6 +224,26 @@ def test_sigint_cancels_job_and_frees_port(cli_env: dict[str, str], sig: signal.
         time.sleep(0.1)
     assert port_is_free(run.local_port)
     assert "cancelled job" in run.proc.stderr.read() if run.proc.stderr else True
+
+
+@pytest.mark.parametrize("launch", ["background", "nohup"])
+def test_sigterm_ends_a_background_session(cli_env: dict[str, str], launch: str) -> None:
+    """Started with SIGINT ignored (a script's `cmd &`, `nohup cmd &`), `kill PID` still cancels the job."""
+    prefix = ("nohup",) if launch == "nohup" else ()
+    run = start_jupyter(cli_env, prefix=prefix, sigint_ignored=True)
+    try:
+        assert squeue_has(run.job_id)
+        t0 = time.monotonic()
+        run.proc.send_signal(signal.SIGTERM)
+        assert run.proc.wait(timeout=30) == 0
+        while squeue_has(run.job_id):
+            assert time.monotonic() - t0 < 5, "job still in the queue 5 s after SIGTERM"
+            time.sleep(0.1)
+        assert port_is_free(run.local_port)
+    finally:
+        if run.proc.poll() is None:
+            run.proc.kill()
+        subprocess.run(["scancel", run.job_id], check=False)
 
 
 def test_keep_then_attach_from_second_process(cli_env: dict[str, str]) -> None:

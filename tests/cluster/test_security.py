@@ -24,6 +24,7 @@ import pytest
 import requests
 
 from hpclaunch.cluster import Cluster
+from hpclaunch.config import Profile
 from hpclaunch.errors import ConnectionFailed
 from hpclaunch.jupyter import session as jsession
 from hpclaunch.transport.ssh import SSHTransport
@@ -157,8 +158,8 @@ def test_tunnel_mode_node_end_to_end(
     made: list[SSHTransport] = []
     real = jsession.node_transport
 
-    def spy(cluster: Cluster, node: str) -> SSHTransport:
-        transport = real(cluster, node)
+    def spy(profile: Profile, node: str) -> SSHTransport:
+        transport = real(profile, node)
         assert isinstance(transport, SSHTransport)
         made.append(transport)
         return transport

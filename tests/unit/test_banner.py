@@ -7,6 +7,7 @@ Jupyter version (capture.sh); the rest are startup logs quoted in public issues,
 from __future__ import annotations
 
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -240,9 +241,22 @@ def test_marker_round_trip() -> None:
     assert find_server(line + "\n") == loc("c123.cluster.edu", 40123, "/hpclaunch/job7/", source="marker")
 
 
-def test_marker_matches_the_template_echo() -> None:
-    # templates/jupyter.sbatch.j2: echo "HPCLAUNCH_JUPYTER_READY host=$node port=$port base_url=/"
-    assert format_marker("node1", 8888) == "HPCLAUNCH_JUPYTER_READY host=node1 port=8888 base_url=/"
+def test_the_templates_marker_line_is_what_the_parser_reads(tmp_path: Path) -> None:
+    """Run the marker line of the rendered notebook script itself, and parse what it prints."""
+    from hpclaunch.cluster import Cluster
+    from hpclaunch.config import Profile
+
+    cluster = Cluster(Profile(name="t", scheduler="local", workdir=str(tmp_path)))
+    script = cluster.render("jupyter", run_dir=str(tmp_path / "run"))
+    (line,) = [ln.strip() for ln in script.splitlines() if MARKER in ln and "echo" in ln]
+    printed = subprocess.run(
+        ["bash", "-c", 'node=gpu17.cluster.edu; port=40123; eval "$1"', "bash", line],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert printed.strip() == format_marker("gpu17.cluster.edu", 40123)
+    assert find_server(printed) == loc("gpu17.cluster.edu", 40123, source="marker")
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hpclaunch.errors import SlurmError, SlurmUnavailable, SubmissionRejected, WaitTimeout
+from hpclaunch.errors import JobNotFound, SlurmError, SlurmUnavailable, SubmissionRejected, WaitTimeout
 from hpclaunch.slurm import parse
 from hpclaunch.slurm.client import RetryPolicy, SlurmClient
 from hpclaunch.states import JobInfo, JobState, Phase
@@ -613,7 +613,7 @@ def test_cancel_of_a_finished_job_is_not_an_error() -> None:
     client.cancel("5")
     client, transport, _ = make_client(lambda argv, stdin: (0, "", ""))
     client.cancel("5", signal="usr1", batch_only=True)
-    assert transport.calls[0][0] == ["scancel", "--signal=USR1", "--batch", "5"]
+    assert transport.calls[0][0] == ["scancel", "--verbose", "--signal=USR1", "--batch", "5"]
     with pytest.raises(SlurmError):
         client.cancel("5", signal="-9; rm")
     with pytest.raises(SlurmError):
@@ -622,6 +622,19 @@ def test_cancel_of_a_finished_job_is_not_an_error() -> None:
     client, _, _ = make_client(lambda argv, stdin: denied)
     with pytest.raises(SlurmError, match="permission denied"):
         client.cancel("5")
+
+
+def test_cancel_of_an_unknown_job_is_an_error() -> None:
+    # Slurm 22.05, as captured on the dev cluster: `scancel -v 99999` exits 0 and says so on stderr only.
+    unknown = (
+        0,
+        "",
+        "scancel: Terminating job 99999\n"
+        "scancel: error: Kill job error on job id 99999: Invalid job id specified\n",
+    )
+    client, _, _ = make_client(lambda argv, stdin: unknown)
+    with pytest.raises(JobNotFound, match="no job 99999 is known"):
+        client.cancel("99999")
 
 
 def test_wait_polls_with_one_query_per_round_and_backs_off() -> None:
