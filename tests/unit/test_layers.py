@@ -45,6 +45,7 @@ def test_an_import_circle_breaks_the_contract(tmp_path: Path) -> None:
 
 def test_the_version_is_written_once() -> None:
     import importlib.metadata
+
     import tomllib
 
     import hpclaunch
