@@ -53,6 +53,37 @@ def test_cancel_ends_a_running_job(cli_env: dict[str, str], cluster: Cluster) ->
     assert job.wait(timeout=30).state.value == "CANCELLED"
 
 
+def test_cancel_of_a_job_that_does_not_exist_fails(cli_env: dict[str, str], cluster: Cluster) -> None:
+    # First landing: "cancelled job 99999", exit 0 (plain scancel is silent about unknown ids).
+    job = cluster.submit("run", command=["sleep", "300"])
+    try:
+        result = run_hpclaunch(cli_env, "cancel", "99999", job.id)
+        assert result.returncode != 0
+        assert "no such job: 99999 (the others were cancelled)" in result.stderr
+        assert f"cancelled job {job.id}" in result.stderr and "cancelled job 99999" not in result.stderr
+        assert "Traceback" not in result.stderr
+        assert job.wait(timeout=30).state.value == "CANCELLED"
+    finally:
+        job.cancel()
+
+
+def test_fetch_brings_back_a_custom_output_file(
+    cli_env: dict[str, str], cluster: Cluster, tmp_path: Path
+) -> None:
+    # First landing: fetch looked only for slurm-<id>.out and missed the job's own --output.
+    job = cluster.train(
+        "mnist_lenet5",
+        ["--dataset", "synthetic", "--epochs", "1"],
+        output="~/hpclaunch/custom-%j.log",
+    )
+    assert job.wait(timeout=300).state.value == "COMPLETED", job.logs()
+    result = run_hpclaunch(cli_env, "fetch", job.id, str(tmp_path / "results"))
+    assert result.returncode == 0, result.stderr
+    log = tmp_path / "results" / f"custom-{job.id}.log"
+    assert log.is_file() and "hpclaunch: training run" in log.read_text()
+    assert (tmp_path / "results" / "metrics.csv").is_file()
+
+
 def test_logs_follow_streams_lines_as_written(cli_env: dict[str, str], cluster: Cluster) -> None:
     script = "for i in 1 2 3 4; do echo line-$i; sleep 1; done"
     job = cluster.submit("run", command=["bash", "-c", script])
