@@ -43,6 +43,10 @@ _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 ENV_PREFIX = "HPCLAUNCH_PARAM_"
 PARAMS_FILE = "params.jsonl"
 ENV_FILE = "params.sh"
+#: A task's place in the whole sweep: set by the job script; Slurm's own id where that is not.
+_INDEX = "${HPCLAUNCH_TASK_INDEX:-${SLURM_ARRAY_TASK_ID:-?}}"
+#: The ids of the Slurm arrays a sweep was split into (only when there are several).
+PARTS_FILE = "parts.json"
 
 
 def env_name(name: str) -> str:
@@ -115,14 +119,14 @@ def params_script(tasks: Sequence[Mapping[str, Any]]) -> str:
     """The bash file every task sources: a ``case`` exporting that task's parameters, all quoted."""
     lines = [
         "# Written by hpclaunch (Cluster.submit_array): each array task exports its own parameters.",
-        'case "${SLURM_ARRAY_TASK_ID:-}" in',
+        f'case "{_INDEX}" in',
     ]
     for index, task in enumerate(tasks):
         exports = [f"HPCLAUNCH_TASK_PARAMS={shlex.quote(json.dumps(dict(task), sort_keys=True))}"]
         exports += [f"{env_name(k)}={shlex.quote(env_value(v))}" for k, v in sorted(task.items())]
         lines.append(f"{index}) export {' '.join(exports)} ;;")
     lines += [
-        '*) echo "hpclaunch: error: no parameters for array task ${SLURM_ARRAY_TASK_ID:-?}" >&2; exit 2 ;;',
+        f'*) echo "hpclaunch: error: no parameters for array task {_INDEX}" >&2; exit 2 ;;',
         "esac",
         "",
     ]
@@ -166,14 +170,20 @@ def command_line(command: Sequence[str], tasks: Sequence[Mapping[str, Any]]) -> 
 
 def array_spec(count: int, max_concurrent: int | None) -> str:
     """``0-(count-1)`` with an optional ``%max_concurrent`` throttle."""
+    check_max_concurrent(max_concurrent)
     spec = f"0-{count - 1}"
     if max_concurrent is not None:
-        if isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int) or max_concurrent < 1:
-            raise ParameterError(
-                f"submit_array: max_concurrent must be a whole number of at least 1, got {max_concurrent!r}"
-            )
         spec += f"%{max_concurrent}"
     return spec
+
+
+def check_max_concurrent(max_concurrent: int | None) -> None:
+    if max_concurrent is not None and (
+        isinstance(max_concurrent, bool) or not isinstance(max_concurrent, int) or max_concurrent < 1
+    ):
+        raise ParameterError(
+            f"submit_array: max_concurrent must be a whole number of at least 1, got {max_concurrent!r}"
+        )
 
 
 def submit_array(
@@ -189,7 +199,7 @@ def submit_array(
 ) -> ArrayJob:
     """See :meth:`hpclaunch.cluster.Cluster.submit_array`."""
     tasks = check_params_list(params_list)
-    spec = array_spec(len(tasks), max_concurrent)
+    check_max_concurrent(max_concurrent)
     line, used = command_line(command, tasks)
     cluster.renderer.source_of(template)  # fail on a wrong name before touching the cluster
     default_name = f"hpclaunch-{template}"
@@ -204,7 +214,6 @@ def submit_array(
             "command_line": line,
         }
     }
-    arrays = cluster.capabilities.arrays
     prepared = cluster.prepare(
         template,
         job,
@@ -213,7 +222,6 @@ def submit_array(
         variables=variables,
         context=context,
         output_name="slurm-%A_%a.out",
-        more_directives=(f"--array={spec}",) if arrays else (),
     )
     script = prepared.script
     if f"HPCLAUNCH_PARAMS_FILE={shell_quote(context['array']['params_file'])}" not in script:
@@ -226,28 +234,35 @@ def submit_array(
             f"template {template!r} does not use the array's command line (array.command_line)",
             hint="use the built-in 'run' template, or read HPCLAUNCH_PARAM_<NAME> in yours",
         )
-    array_id, task_ids = cluster.stage_and_submit(
+    submitted = cluster.stage_and_submit(
         prepared,
-        lambda: cluster.scheduler.submit_array(script, count=len(tasks), workdir=run_dir),
+        lambda: cluster.scheduler.submit_array(
+            script, count=len(tasks), workdir=run_dir, max_concurrent=max_concurrent
+        ),
         files=files,
         texts={PARAMS_FILE: params_jsonl(tasks), ENV_FILE: params_script(tasks)},
     )
+    parts = list(dict.fromkeys(task.array_id for task in submitted))
+    if len(parts) > 1:  # so that attach_array finds every part again
+        layout = {"parts": parts, "per_part": sum(1 for t in submitted if t.array_id == parts[0])}
+        cluster.transport.write_text(f"{run_dir}/{PARTS_FILE}", json.dumps(layout) + "\n", mode=0o600)
     own_output = not prepared.job.get("output")
     task_jobs = [
         Job(
             cluster,
-            task_id,
+            task.job_id,
             run_dir=run_dir,
             name=prepared.name,
-            output=f"{run_dir}/slurm-{array_id}_{index}.out" if own_output else None,
+            output=f"{run_dir}/slurm-{task.array_id}_{task.index}.out" if own_output else None,
         )
-        for index, task_id in enumerate(task_ids)
+        for task in submitted
     ]
-    return ArrayJob(cluster, array_id, tasks, task_jobs, run_dir=run_dir, name=prepared.name)
+    return ArrayJob(cluster, parts, tasks, task_jobs, run_dir=run_dir, name=prepared.name)
 
 
 class ArrayJob:
-    """A submitted job array: one Slurm job id, one :class:`~hpclaunch.cluster.Job` per task.
+    """A submitted job array: one Slurm job id (or several, when the sweep is larger than the site's
+    ``MaxArraySize``), one :class:`~hpclaunch.job.Job` per task.
 
     >>> sweep = cluster.submit_array([{"lr": lr} for lr in (0.1, 0.01)],         # doctest: +SKIP
     ...                              command=["python", "train.py", "--lr", "{lr}"], time="10m")
@@ -258,7 +273,7 @@ class ArrayJob:
     def __init__(
         self,
         cluster: Submitter,
-        array_id: str,
+        parts: str | Sequence[str],
         params: Sequence[Mapping[str, Any]],
         tasks: Sequence[Job],
         *,
@@ -266,9 +281,11 @@ class ArrayJob:
         name: str | None = None,
     ) -> None:
         self.cluster = cluster
-        #: The array's job id (``123``; its tasks are ``123_0``, ``123_1``...). On the ``local``
-        #: backend, which has no arrays, the id of the first task's job.
-        self.id = array_id
+        #: The Slurm arrays the sweep runs as, in task order: one unless it is larger than the site's
+        #: ``MaxArraySize``. On the ``local`` backend, which has no arrays, the first task's job id.
+        self.parts: list[str] = [parts] if isinstance(parts, str) else list(parts)
+        #: The (first) array's job id (``123``; its tasks are ``123_0``, ``123_1``...).
+        self.id = self.parts[0]
         #: Task ``i``'s parameters, as given.
         self.params: list[dict[str, Any]] = [dict(p) for p in params]
         self.tasks: list[Job] = list(tasks)
@@ -298,7 +315,7 @@ class ArrayJob:
         timeout: float | None = None,
         *,
         on_update: UpdateCallback | None = None,
-        max_poll: float = 30.0,
+        max_poll: float | None = None,
     ) -> list[JobInfo]:
         """Block until every task has ended (one batched query per poll, with backoff and jitter);
         returns each task's final info in task order. Raises WaitTimeout after ``timeout`` seconds."""
@@ -308,9 +325,10 @@ class ArrayJob:
         return [infos[task_id] for task_id in self.task_ids]
 
     def cancel(self) -> None:
-        """Cancel every task (one ``scancel`` of the array on Slurm)."""
+        """Cancel every task (one ``scancel`` per array on Slurm)."""
         if self.cluster.capabilities.cancel_array:
-            self.cluster.scheduler.cancel(self.id)
+            for part in self.parts:
+                self.cluster.scheduler.cancel(part)
         else:
             for task in self.tasks:
                 task.cancel()
@@ -349,17 +367,16 @@ def attach_array(cluster: Submitter, array_id: str | int) -> ArrayJob:
             hint="cluster.job(ID) reattaches to any job",
         )
     tasks = [json.loads(line) for line in cluster.transport.read_text(params_file).splitlines() if line]
+    parts, per_part = [base], len(tasks)
+    if cluster.transport.exists(f"{run_dir}/{PARTS_FILE}"):
+        layout = json.loads(cluster.transport.read_text(f"{run_dir}/{PARTS_FILE}"))
+        parts, per_part = [str(p) for p in layout["parts"]], int(layout["per_part"])
     script_path = f"{run_dir}/job.sbatch"
     script = cluster.transport.read_text(script_path) if cluster.transport.exists(script_path) else ""
     known_output = f"#SBATCH --output={run_dir}/slurm-%A_%a.out" in script
-    task_jobs = [
-        Job(
-            cluster,
-            f"{base}_{index}",
-            run_dir=run_dir,
-            name=info.name,
-            output=f"{run_dir}/slurm-{base}_{index}.out" if known_output else None,
-        )
-        for index in range(len(tasks))
-    ]
-    return ArrayJob(cluster, base, tasks, task_jobs, run_dir=run_dir, name=info.name)
+    task_jobs = []
+    for number in range(len(tasks)):
+        part, index = parts[number // per_part], number % per_part
+        output = f"{run_dir}/slurm-{part}_{index}.out" if known_output else None
+        task_jobs.append(Job(cluster, f"{part}_{index}", run_dir=run_dir, name=info.name, output=output))
+    return ArrayJob(cluster, parts, tasks, task_jobs, run_dir=run_dir, name=info.name)

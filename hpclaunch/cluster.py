@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
     from .array import ArrayJob
     from .jupyter.session import JupyterOptions, Session
+    from .slurm.request import Preflight
     from .states import JobInfo
     from .train import TrainOptions
     from .transport.base import Transport
@@ -44,6 +45,7 @@ class Cluster(Submitter):
         template_dir: str | os.PathLike[str] | None = None,
         accept_new_host_key: bool | None = None,
         transport: Transport | None = None,
+        preflight: Callable[[Preflight], None] | None = None,
         **job_defaults: Any,
     ) -> None:
         if isinstance(profile, config_mod.Profile):
@@ -57,7 +59,7 @@ class Cluster(Submitter):
             template_dir=os.fspath(template_dir) if template_dir is not None else None,
             accept_new_host_key=accept_new_host_key,
         )
-        super().__init__(chosen, job_defaults=job_defaults, transport=transport)
+        super().__init__(chosen, job_defaults=job_defaults, transport=transport, preflight=preflight)
 
     def render(
         self,
@@ -83,6 +85,30 @@ class Cluster(Submitter):
             template, job, run_dir=run_dir, command=command, variables=variables, context=context
         )
         return prepared.script
+
+    def check(
+        self,
+        template_or_script: str | os.PathLike[str],
+        *,
+        command: Sequence[str] = (),
+        variables: Mapping[str, Any] | None = None,
+        context: Mapping[str, Any] | None = None,
+        **params: Any,
+    ) -> Preflight:
+        """Whether and when a job could start, queueing nothing: the partition's limits and
+        ``sbatch --test-only`` with the very script. Raises CannotRun with what to change.
+
+        >>> cluster.check("run", command=["hostname"], nodes=5)     # doctest: +SKIP
+        CannotRun: partition debug has 2 nodes; asked for 5: give fewer --nodes
+        """
+        if template_or_script == "jupyter" and context is None:
+            from .jupyter.session import JupyterOptions, template_context
+
+            run_dir = self.new_run_dir("hpclaunch-jupyter")
+            context = template_context(self, JupyterOptions().resolved(self.profile), run_dir)
+        return super().check(
+            template_or_script, command=command, variables=variables, context=context, **params
+        )
 
     # --- arrays and functions ------------------------------------------------------------------
 
@@ -130,14 +156,16 @@ class Cluster(Submitter):
         *,
         timeout: float | None = None,
         on_update: Callable[[JobInfo], None] | None = None,
-        poll: float = 0.2,
-        max_poll: float = 30.0,
+        poll: float | None = None,
+        max_poll: float | None = None,
     ) -> dict[str, JobInfo]:
         """Wait for many jobs (an ArrayJob counts as its tasks) with ONE batched state query per poll.
 
-        Polls start every ``poll`` seconds and back off, with jitter, to ``max_poll``, so the load on
-        the controller does not grow with the number of jobs. Returns the final info by job id;
-        raises WaitTimeout after ``timeout`` seconds.
+        Polls start every ``poll`` seconds and back off, with jitter, to ``max_poll``, both within the
+        profile's ``poll_min``/``poll_max`` (0.2 s and 30 s unless the site sets others), so the load
+        on the controller does not grow with the number of jobs. Returns the final info by job id; a
+        job pending for a reason that cannot clear returns early, marked (``info.cannot_start``).
+        Raises WaitTimeout after ``timeout`` seconds.
         """
         ids: list[str] = []
         for item in jobs:

@@ -92,6 +92,9 @@ class Profile:
     tunnel: TunnelMode = TunnelMode.DIRECT
     #: Port of the compute nodes' sshd, for tunnel mode ``node`` (None: the ssh config's, else 22).
     node_ssh_port: int | None = None
+    #: Polling budget, seconds: the first interval of a wait and the most its backoff grows to.
+    poll_min: float = 0.2
+    poll_max: float = 30.0
     job: Mapping[str, Any] = field(default_factory=dict)
     source: str = "built-in"
 
@@ -127,6 +130,8 @@ _CONNECTION_KEYS: dict[str, type | tuple[type, ...]] = {
     "template_dir": str,
     "tunnel": str,
     "node_ssh_port": int,
+    "poll_min": (int, float),
+    "poll_max": (int, float),
 }
 PROFILE_KEYS: tuple[str, ...] = tuple(_CONNECTION_KEYS) + tuple(PARAMS_BY_NAME)
 
@@ -222,7 +227,7 @@ def _parse_profile(file: Path, name: str, body: Any) -> Profile:
         if key in _CONNECTION_KEYS:
             expected = _CONNECTION_KEYS[key]
             if (isinstance(value, bool) and expected is not bool) or not isinstance(value, expected):
-                want = expected.__name__ if isinstance(expected, type) else "value"
+                want = expected.__name__ if isinstance(expected, type) else "number"
                 raise ConfigError(f"{where}: {key} must be a {want}, got {value!r}")
             connection[key] = value
         elif key in PARAMS_BY_NAME:
@@ -251,6 +256,11 @@ def check_profile(profile: Profile, where: str = "") -> None:
         raise ConfigError(f"{prefix}the local scheduler runs on this machine: remove 'host'")
     if profile.port is not None and not 0 < profile.port < 65536:
         raise ConfigError(f"{prefix}port must be between 1 and 65535, got {profile.port}")
+    if not 0 < profile.poll_min <= profile.poll_max:
+        raise ConfigError(
+            f"{prefix}poll_min and poll_max must be seconds with 0 < poll_min <= poll_max, "
+            f"got {profile.poll_min} and {profile.poll_max}"
+        )
     if profile.node_ssh_port is not None and not 0 < profile.node_ssh_port < 65536:
         raise ConfigError(f"{prefix}node_ssh_port must be between 1 and 65535, got {profile.node_ssh_port}")
     for key in ("host", "user"):

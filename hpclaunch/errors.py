@@ -103,6 +103,11 @@ class SubmissionRejected(SlurmError):
     """sbatch refused the job; the message quotes Slurm."""
 
 
+class CannotRun(SubmissionRejected):
+    """The request can never run as asked (over a partition's limits, a QOS or account not allowed,
+    no such node configuration); the message says what to change."""
+
+
 class SlurmUnavailable(SlurmError):
     """The controller did not answer (a transient error worth retrying)."""
 

@@ -119,7 +119,11 @@ class Job:
     def wait(
         self, timeout: float | None = None, on_update: Callable[[JobInfo], None] | None = None
     ) -> JobInfo:
-        """Block until the job ends; raises WaitTimeout after ``timeout`` seconds."""
+        """Block until the job ends; raises WaitTimeout after ``timeout`` seconds.
+
+        Returns early for a job that Slurm will never start as asked: its info is pending, with
+        ``cannot_start`` saying what to change, so a script can decide (cancel, resubmit, report).
+        """
         infos = self.cluster.scheduler.wait([self.id], timeout=timeout, on_update=on_update)
         self._last = infos[self.id]
         return self._last
@@ -153,14 +157,15 @@ class Job:
             return None
 
     def follow(self, *, poll: float = 0.25, max_poll: float = 2.0, chunk: int = 1 << 16) -> Iterator[str]:
-        """Yield the job's output as it is written, until the job has ended and all is read.
+        """Yield the job's output as it is written, until the job has ended (or is pending for a reason
+        that cannot clear: see ``last_info.cannot_start``) and all is read.
 
         Reads in bounded chunks from an offset, so a 100 MB log costs no more memory than a small one.
         """
         reader = LogReader(self.cluster.transport, self._output, chunk=chunk)
         poller = Poller(Backoff(initial=poll, maximum=max_poll, factor=1.5, jitter=0.0))
         for _ in poller:
-            ended = self.info().is_terminal
+            ended = self.info().settled
             if reader.path is None:
                 try:
                     reader.path = self.output_path()

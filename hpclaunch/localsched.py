@@ -17,7 +17,6 @@ import contextlib
 import getpass
 import json
 import os
-import shlex
 import shutil
 import signal as signal_module
 import subprocess
@@ -29,9 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from hpclaunch.errors import JobNotFound, SlurmError, SubmissionRejected
-from hpclaunch.polling import UpdateCallback, wait_for
-from hpclaunch.scheduler import Capabilities
+from hpclaunch.polling import PollBudget, UpdateCallback, wait_for
+from hpclaunch.scheduler import ArrayTask, Capabilities
 from hpclaunch.slurm.parse import expand_filename_pattern
+from hpclaunch.slurm.request import Preflight, job_request
 from hpclaunch.states import JobInfo, JobState
 from hpclaunch.transport.base import Transport
 
@@ -66,72 +66,6 @@ done
 [ $# -gt 0 ] || { echo "srun (hpclaunch local): no command given" >&2; exit 2; }
 exec "$@"
 """
-
-#: #SBATCH options the local backend honours, by every spelling sbatch accepts.
-_OPTION_NAMES = {
-    "-J": "job_name",
-    "--job-name": "job_name",
-    "-o": "output",
-    "--output": "output",
-    "-e": "error",
-    "--error": "error",
-    "-D": "chdir",
-    "--chdir": "chdir",
-    "-c": "cpus_per_task",
-    "--cpus-per-task": "cpus_per_task",
-}
-_FLAGS_WITHOUT_VALUE = frozenset(
-    {"-H", "--hold", "-Q", "--quiet", "-v", "--verbose", "-W", "--wait", "--exclusive", "--parsable",
-     "-O", "--overcommit", "-s", "--oversubscribe", "--requeue", "--no-requeue", "-h", "--help",
-     "--spread-job", "--use-min-nodes", "--contiguous", "-k", "--no-kill", "--test-only"}
-)  # fmt: skip
-
-
-def parse_sbatch_options(args: Sequence[str]) -> dict[str, str]:
-    """The honoured options among sbatch-style arguments (``-J x``, ``-Jx``, ``--job-name=x``); the
-    rest are accepted and ignored, as a one-node local run has no use for them."""
-    found: dict[str, str] = {}
-    items = list(args)
-    index = 0
-    while index < len(items):
-        arg = items[index]
-        index += 1
-        if arg.startswith("--"):
-            name, eq, value = arg.partition("=")
-            if not eq and name not in _FLAGS_WITHOUT_VALUE and name in _OPTION_NAMES:
-                value = items[index] if index < len(items) else ""
-                index += 1
-        elif arg.startswith("-") and len(arg) >= 2:
-            name, value = arg[:2], arg[2:]
-            if not value and name not in _FLAGS_WITHOUT_VALUE and name in _OPTION_NAMES:
-                value = items[index] if index < len(items) else ""
-                index += 1
-        else:
-            continue
-        key = _OPTION_NAMES.get(name)
-        if key is not None:
-            found[key] = value
-    return found
-
-
-def sbatch_header_args(script_text: str) -> list[str]:
-    """The arguments of the ``#SBATCH`` lines at the top of a script, as sbatch reads them: from the
-    lines after the shebang, up to the first line that is neither blank nor a comment."""
-    args: list[str] = []
-    for number, line in enumerate(script_text.splitlines()):
-        stripped = line.strip()
-        if number == 0 and stripped.startswith("#!"):
-            continue
-        if not stripped or (stripped.startswith("#") and not stripped.startswith("#SBATCH")):
-            continue
-        if not stripped.startswith("#SBATCH"):
-            break
-        try:
-            args += shlex.split(stripped[len("#SBATCH") :], comments=True)
-        except ValueError as exc:
-            raise SubmissionRejected(f"cannot read the #SBATCH line {stripped!r}: {exc}") from exc
-    return args
-
 
 def default_state_dir() -> Path:
     """``$XDG_DATA_HOME/hpclaunch/local-jobs`` (``~/.local/share/...`` by default)."""
@@ -252,29 +186,38 @@ class LocalScheduler:
         return self._start(script_text, sbatch_args=sbatch_args, workdir=workdir, env=env)
 
     def submit_array(
-        self, script_text: str, *, count: int, workdir: str, env: Mapping[str, str] | None = None
-    ) -> tuple[str, list[str]]:
-        """No arrays here: each task runs as its own background job, all at once (a ``%`` throttle
-        does not apply), with the ``SLURM_ARRAY_*`` variables a Slurm task sees and ``%A``/``%a`` in
-        output paths expanded as Slurm would; the array's id is its first task's job id."""
-        task_ids: list[str] = []
+        self, script_text: str, *, count: int, workdir: str, max_concurrent: int | None = None
+    ) -> list[ArrayTask]:
+        """No arrays here: each task runs as its own background job, all at once (a throttle does not
+        apply), with the ``SLURM_ARRAY_*`` variables a Slurm task sees and ``%A``/``%a`` in output
+        paths expanded as Slurm would; ``%A`` is the first task's job id."""
+        tasks: list[ArrayTask] = []
         for index in range(count):
-            task_env = {
-                **(env or {}),
+            env = {
                 "SLURM_ARRAY_TASK_ID": str(index),
                 "SLURM_ARRAY_TASK_COUNT": str(count),
                 "SLURM_ARRAY_TASK_MIN": "0",
                 "SLURM_ARRAY_TASK_MAX": str(count - 1),
                 "SLURM_ARRAY_TASK_STEP": "1",
+                "HPCLAUNCH_TASK_OFFSET": "0",
             }
-            array_id = task_ids[0] if task_ids else None
-            task_ids.append(
-                self._start(script_text, workdir=workdir, env=task_env, array=(array_id, str(index)))
-            )
-        return task_ids[0], task_ids
+            first = tasks[0].job_id if tasks else None
+            job_id = self._start(script_text, workdir=workdir, env=env, array=(first, str(index)))
+            tasks.append(ArrayTask(job_id, first or job_id, index))
+        return tasks
 
     def gpus_per_node(self, partition: str | None) -> int | None:
         """This machine's GPUs are not scheduled: unknown."""
+        return None
+
+    def check(
+        self, script_text: str, *, sbatch_args: Sequence[str] = (), workdir: str | None = None
+    ) -> Preflight:
+        """Every job starts at once here; only an unreadable ``#SBATCH`` header is refused."""
+        job_request(script_text, sbatch_args)
+        return Preflight(start=datetime.now(), nodes=NODE_NAME, partition="local")
+
+    def max_array_size(self) -> int | None:
         return None
 
     def _start(
@@ -291,7 +234,7 @@ class LocalScheduler:
         if isinstance(sbatch_args, str):
             raise TypeError("sbatch_args must be a list of strings, not one string")
         # Command-line arguments win over the script's #SBATCH lines, as with sbatch.
-        options = parse_sbatch_options([*sbatch_header_args(script_text), *sbatch_args])
+        options = job_request(script_text, sbatch_args)
         submit_dir = os.getcwd()
         work_dir = os.path.expanduser(options.get("chdir") or workdir or submit_dir)
         if not os.path.isdir(work_dir):
@@ -547,17 +490,17 @@ class LocalScheduler:
         job_ids: Iterable[str],
         *,
         timeout: float | None = None,
-        poll: float = 0.2,
-        max_poll: float = 2.0,
+        poll: float | None = None,
+        max_poll: float | None = None,
         on_update: UpdateCallback | None = None,
     ) -> dict[str, JobInfo]:
-        """Block until every job has ended; raise WaitTimeout at ``timeout``."""
+        """Block until every job has ended; raise WaitTimeout at ``timeout``. Asking costs no
+        controller here: the default ceiling is 2 s."""
         return wait_for(
             lambda ids: self.states(ids),
             job_ids,
             timeout=timeout,
-            poll=poll,
-            max_poll=max_poll,
+            backoff=PollBudget(0.2, 2.0).backoff(poll, max_poll),
             on_update=on_update,
             what="local job",
             sleep=self._sleep,

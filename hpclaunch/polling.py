@@ -36,6 +36,26 @@ class Backoff:
             delay = min(delay * self.factor, max(self.maximum, self.initial))
 
 
+@dataclass(frozen=True)
+class PollBudget:
+    """How often a site lets clients ask the scheduler: every wait's first delay is at least
+    ``minimum`` seconds and its backoff stops at ``maximum`` (a profile's ``poll_min``/``poll_max``).
+
+    Waiting on any number of jobs is one batched query per interval, so the load a client puts on the
+    controller does not grow with its jobs; the ceiling bounds it over a long wait (Slurm's own
+    documentation warns against running squeue in tight loops from scripts).
+    """
+
+    minimum: float = 0.2
+    maximum: float = 30.0
+
+    def backoff(self, poll: float | None = None, max_poll: float | None = None) -> Backoff:
+        """The backoff of one wait: the caller's wishes, within the budget."""
+        first = max(self.minimum, poll if poll is not None else self.minimum)
+        ceiling = min(self.maximum, max_poll if max_poll is not None else self.maximum)
+        return Backoff(initial=min(first, ceiling), maximum=max(ceiling, min(first, ceiling)), factor=1.5)
+
+
 class Poller:
     """Rounds of a wait: iterate, check, ``return``/``break`` when done.
 
@@ -96,15 +116,15 @@ def wait_for(
     job_ids: Iterable[str],
     *,
     timeout: float | None = None,
-    poll: float = 0.2,
-    max_poll: float = 15.0,
+    backoff: Backoff | None = None,
     on_update: UpdateCallback | None = None,
     what: str = "job",
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
     rng: Callable[[], float] = random.random,
 ) -> dict[str, JobInfo]:
-    """Poll ``states`` (one batched query per round) until every id is terminal or the deadline passes.
+    """Poll ``states`` (one batched query per round) until every id is settled (ended, or pending
+    for a reason that cannot clear: see ``JobInfo.cannot_start``) or the deadline passes.
 
     UNKNOWN is never terminal: a controller that does not answer means "keep waiting", not "failed".
     """
@@ -112,10 +132,10 @@ def wait_for(
     last: dict[str, JobInfo] = {}
 
     def waiting() -> list[str]:
-        return [job_id for job_id in ids if job_id not in last or not last[job_id].is_terminal]
+        return [job_id for job_id in ids if job_id not in last or not last[job_id].settled]
 
     poller = Poller(
-        Backoff(initial=poll, maximum=max(max_poll, poll), factor=1.5),
+        backoff or PollBudget().backoff(),
         timeout=timeout,
         on_timeout=lambda waited: _timeout_error(what, ids, waiting(), last, waited),
         sleep=sleep,

@@ -14,9 +14,10 @@ from hpclaunch.polling import UpdateCallback
 from hpclaunch.states import JobInfo
 
 if TYPE_CHECKING:
+    from hpclaunch.slurm.request import Preflight
     from hpclaunch.transport.base import Transport
 
-__all__ = ["Capabilities", "Scheduler", "UpdateCallback"]
+__all__ = ["ArrayTask", "Capabilities", "Scheduler", "UpdateCallback"]
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,15 @@ class Capabilities:
     cancel_array: bool
     #: Jobs run with this very Python and filesystem (the built-in ``local`` backend).
     runs_here: bool
+
+
+@dataclass(frozen=True)
+class ArrayTask:
+    """One submitted task: its job id, and the ``%A``/``%a`` its output file name is made of."""
+
+    job_id: str
+    array_id: str
+    index: int
 
 
 @runtime_checkable
@@ -56,10 +66,22 @@ class Scheduler(Protocol):
         ...
 
     def submit_array(
-        self, script_text: str, *, count: int, workdir: str, env: Mapping[str, str] | None = None
-    ) -> tuple[str, list[str]]:
-        """Submit a script that declares ``--array`` for ``count`` tasks; return the array's id and
-        its task ids, in task order (a backend without arrays starts one job per task)."""
+        self, script_text: str, *, count: int, workdir: str, max_concurrent: int | None = None
+    ) -> list[ArrayTask]:
+        """Run the script as ``count`` array tasks (each sees ``SLURM_ARRAY_TASK_ID`` and
+        ``HPCLAUNCH_TASK_OFFSET``, whose sum is its index); returns them in task order. Slurm splits a
+        sweep larger than ``MaxArraySize`` into several arrays, with ``max_concurrent`` held across
+        them; a backend without arrays starts one job per task."""
+        ...
+
+    def check(
+        self, script_text: str, *, sbatch_args: Sequence[str] = (), workdir: str | None = None
+    ) -> Preflight:
+        """Whether and when the job could start, queueing nothing; raises CannotRun with what to change."""
+        ...
+
+    def max_array_size(self) -> int | None:
+        """Task ids of one array must stay below this; None when there is no known limit."""
         ...
 
     def gpus_per_node(self, partition: str | None) -> int | None:
@@ -83,11 +105,13 @@ class Scheduler(Protocol):
         job_ids: Iterable[str],
         *,
         timeout: float | None = None,
-        poll: float = 0.1,
-        max_poll: float = 15.0,
+        poll: float | None = None,
+        max_poll: float | None = None,
         on_update: UpdateCallback | None = None,
     ) -> dict[str, JobInfo]:
-        """Block until every job has ended; raise WaitTimeout at the deadline."""
+        """Block until every job has settled (ended, or pending for a reason that cannot clear),
+        polling within the budget (``poll``/``max_poll`` are wishes inside it); WaitTimeout at the
+        deadline."""
         ...
 
     def output_path(self, job_id: str) -> str:

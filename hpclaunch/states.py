@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -129,6 +130,47 @@ _COMPACT: dict[str, JobState] = {
 }
 
 
+#: Pending reasons that will not clear by waiting, with what to change. Reasons not listed here
+#: (Priority, Resources, QOSGrpGRES, BeginTime, Dependency, JobArrayTaskLimit, PartitionDown, ...)
+#: clear by themselves.
+CANNOT_START: Mapping[str, str] = {
+    "PartitionNodeLimit": "the partition has fewer nodes (or a lower node limit) than asked for: ask for "
+    "fewer --nodes or use another --partition",
+    "PartitionTimeLimit": "the partition's time limit is shorter than asked for: ask for less --time or "
+    "use another --partition",
+    "PartitionConfig": "the request does not fit the partition's configuration: check --partition "
+    "against `sinfo`",
+    "AccountNotAllowed": "this account may not use the partition: use another --account or --partition",
+    "QOSNotAllowed": "this QOS may not be used in the partition: use another --qos or --partition",
+    "InvalidAccount": "the account is not valid for you: check --account with `sacctmgr show assoc "
+    "user=$USER`",
+    "InvalidQOS": "the QOS is not valid for you: check --qos with `sacctmgr show assoc user=$USER`",
+    "QOSMaxWallDurationPerJobLimit": "the QOS allows less time than asked for: ask for less --time or "
+    "use another --qos",
+    "QOSMaxNodePerJobLimit": "the QOS allows fewer nodes than asked for: ask for fewer --nodes",
+    "QOSMaxGRESPerJob": "the QOS allows fewer GPUs than asked for: ask for fewer --gpus",
+    "QOSMaxCpuPerJobLimit": "the QOS allows fewer CPUs than asked for: ask for fewer --cpus-per-task",
+    "AssocMaxWallDurationPerJobLimit": "your association allows less time than asked for: ask for less "
+    "--time",
+    "AssocMaxNodesPerJobLimit": "your association allows fewer nodes than asked for: ask for fewer --nodes",
+    "BadConstraints": "no node has the features asked for: check --constraint against `sinfo -o %f`",
+    "ReqNodeNotAvail": "the nodes asked for are down or drained: ask for other nodes, or none",
+}
+
+
+def cannot_start_advice(reason: str | None) -> str | None:
+    """What to change when ``reason`` (squeue's ``%r``) means the job can never start; else None.
+
+    ``ReqNodeNotAvail`` counts only when Slurm names the unavailable nodes (down, drained, reserved).
+    """
+    if not reason:
+        return None
+    word = reason.split(",", 1)[0].strip()
+    if word == "ReqNodeNotAvail" and "UnavailableNodes:" not in reason:
+        return None
+    return CANNOT_START.get(word)
+
+
 @dataclass(frozen=True)
 class JobInfo:
     """What one query learned about one job. Times are naive local datetimes as Slurm prints them."""
@@ -169,6 +211,16 @@ class JobInfo:
     def pending_reason(self) -> str | None:
         """Why Slurm has not started the job yet (``Resources``, ``Priority``...), or None."""
         return self.reason if self.state.phase is Phase.PENDING else None
+
+    @property
+    def cannot_start(self) -> str | None:
+        """For a pending job that Slurm will never start as asked: what to change (else None)."""
+        return cannot_start_advice(self.reason) if self.state.phase is Phase.PENDING else None
+
+    @property
+    def settled(self) -> bool:
+        """Nothing more will happen by waiting: ended, or pending for a reason that cannot clear."""
+        return self.is_terminal or self.cannot_start is not None
 
     @property
     def estimated_start(self) -> datetime | None:

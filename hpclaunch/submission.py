@@ -24,11 +24,13 @@ from . import config as config_mod
 from .errors import HpclaunchError, ParameterError, TemplateError
 from .job import Job
 from .params import JOB_PARAMS, resolve, sbatch_directives, validate_params
+from .polling import PollBudget
 from .render import Renderer
 
 if TYPE_CHECKING:
     from .polling import UpdateCallback
     from .scheduler import Capabilities, Scheduler
+    from .slurm.request import Preflight
     from .states import JobInfo
     from .transport.base import Transport
 
@@ -70,9 +72,13 @@ class Submitter:
         *,
         job_defaults: Mapping[str, Any] | None = None,
         transport: Transport | None = None,
+        preflight: Callable[[Preflight], None] | None = None,
     ) -> None:
         config_mod.check_profile(profile)
         self.profile = profile
+        #: When set, every submission is checked first (``check``) and the result handed to it; a request
+        #: that can never run is refused with CannotRun before anything is written or queued.
+        self.preflight = preflight
         self._job_defaults = validate_params(job_defaults or {}, source="Cluster()")
         self._transport = transport
         self._scheduler: Scheduler | None = None
@@ -107,7 +113,8 @@ class Submitter:
             else:
                 from .slurm.client import SlurmClient
 
-                self._scheduler = SlurmClient(self.transport)
+                budget = PollBudget(self.profile.poll_min, self.profile.poll_max)
+                self._scheduler = SlurmClient(self.transport, poll_budget=budget)
         return self._scheduler
 
     @property
@@ -226,6 +233,8 @@ class Submitter:
         (name -> content, mode 0600) and the script, then ``submit()``; on any failure the run
         directory is removed again."""
         run_dir = prepared.run_dir
+        if self.preflight is not None:
+            self.preflight(self.check_prepared(prepared))
         transport = self.transport
         transport.makedirs(run_dir, mode=0o700)
         with self.removed_on_error(run_dir):
@@ -240,6 +249,10 @@ class Submitter:
                 transport.write_text(f"{run_dir}/{name}", text, mode=0o600)
             transport.write_text(f"{run_dir}/{SCRIPT_NAME}", prepared.script, mode=0o600)
             return submit()
+
+    def check_prepared(self, prepared: Prepared) -> Preflight:
+        """The scheduler's verdict on a prepared job, nothing queued (raises CannotRun)."""
+        return self.scheduler.check(prepared.script, workdir=prepared.run_dir)
 
     def submit_prepared(
         self,
@@ -288,6 +301,9 @@ class Submitter:
         except (OSError, UnicodeDecodeError) as err:
             raise TemplateError(f"cannot read job script {path}: {err}") from None
         chosen = self.chosen_params(params)
+        args = sbatch_directives(chosen)
+        if self.preflight is not None:
+            self.preflight(self.scheduler.check(script, sbatch_args=args))
         run_dir = None
         if self.is_remote:
             run_dir = self.new_run_dir(path.stem)
@@ -329,13 +345,37 @@ class Submitter:
         *,
         timeout: float | None = None,
         on_update: UpdateCallback | None = None,
-        poll: float = 0.2,
-        max_poll: float = 30.0,
+        poll: float | None = None,
+        max_poll: float | None = None,
     ) -> dict[str, JobInfo]:
         """Wait for many jobs with ONE batched state query per poll (see ``Cluster.wait``)."""
         return self.scheduler.wait(
             [str(i).strip() for i in ids], timeout=timeout, poll=poll, max_poll=max_poll, on_update=on_update
         )
+
+    def check(
+        self,
+        template_or_script: str | os.PathLike[str],
+        *,
+        command: Sequence[str] = (),
+        variables: Mapping[str, Any] | None = None,
+        context: Mapping[str, Any] | None = None,
+        **params: Any,
+    ) -> Preflight:
+        """Whether and when this job could start, queueing nothing (one scheduler call, plus the
+        partitions' limits once per session). Raises CannotRun with what to change."""
+        if isinstance(template_or_script, os.PathLike) or _looks_like_path(template_or_script):
+            path = Path(template_or_script)
+            try:
+                script = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as err:
+                raise TemplateError(f"cannot read job script {path}: {err}") from None
+            return self.scheduler.check(script, sbatch_args=sbatch_directives(self.chosen_params(params)))
+        job = self.resolve_job(params, default_name=f"hpclaunch-{template_or_script}")
+        prepared = self.prepare(
+            template_or_script, job, command=command, variables=variables, context=context
+        )
+        return self.check_prepared(prepared)
 
     # --- lifetime ------------------------------------------------------------------------------
 

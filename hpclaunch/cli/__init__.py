@@ -22,6 +22,7 @@ from .context import AppContext
 _COMMANDS: dict[str, tuple[str, str]] = {
     "render": ("render", "Print the job script a template renders to; submit nothing."),
     "submit": ("submit", "Submit a template or your own job script."),
+    "check": ("check", "Would a request run, and when? Queues nothing."),
     "status": ("status", "Show the state of jobs (a table, or --json)."),
     "logs": ("logs", "Print a job's output; -f follows it while the job runs."),
     "cancel": ("cancel", "Cancel jobs."),

@@ -6,7 +6,7 @@ import contextlib
 import sys
 
 from ..console import no_interrupts, say
-from ..errors import HpclaunchError, JobFailed
+from ..errors import CannotRun, HpclaunchError, JobFailed
 from ..job import Job
 
 
@@ -32,6 +32,15 @@ def follow_job(job: Job, *, stream: bool = True, owner: bool = False) -> None:
         else:
             say(f"\nstopped following; job {job.id} keeps running")
         raise
+    if info.cannot_start is not None:
+        kept = not owner
+        if owner:
+            with no_interrupts(), contextlib.suppress(HpclaunchError):
+                job.cancel()
+        raise CannotRun(
+            f"job {job.id} can never start as asked ({info.reason}): {info.cannot_start}",
+            hint=f"job {job.id} is left pending (--keep)" if kept else f"job {job.id} is cancelled",
+        )
     if info.state.value != "COMPLETED":
         # The streamed log is already on screen; after a silent wait, show its end.
         raise JobFailed(f"job {info.describe()}", details=None if stream else job.log_tail())

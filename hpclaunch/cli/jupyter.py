@@ -8,7 +8,7 @@ import click
 
 from ..console import StatusLine, say
 from .context import AppContext
-from .options import given, job_options
+from .options import given, job_options, preflight_option, use_preflight
 
 if TYPE_CHECKING:
     from ..jupyter.session import Session
@@ -85,6 +85,7 @@ Examples:
     help="Give up (and cancel) if the job is still pending after this many seconds.",
 )
 @click.option("--keep", is_flag=True, help="Leave the job running when this command ends.")
+@preflight_option
 @click.pass_obj
 def command(
     app_ctx: AppContext,
@@ -97,12 +98,14 @@ def command(
     idle_timeout: int,
     queue_timeout: float | None,
     keep: bool,
+    preflight: bool,
     **values: Any,
 ) -> None:
     """Start JupyterLab on a compute node and tunnel to it; Ctrl-C ends it."""
     from ..jupyter import session as jsession
 
     cluster = app_ctx.cluster()
+    use_preflight(cluster, preflight)
     options = jsession.JupyterOptions(
         app=app,
         idle_timeout=idle_timeout,

@@ -64,3 +64,21 @@ def parse_sets(pairs: Iterable[str]) -> dict[str, str]:
             raise ParameterError(f"--set {pair!r}: expected KEY=VALUE with KEY a plain name")
         out[key] = reject_control_chars(f"--set {key}", value)
     return out
+
+
+def preflight_option(func: F) -> F:
+    return click.option(
+        "--preflight/--no-preflight",
+        default=True,
+        envvar="HPCLAUNCH_PREFLIGHT",
+        show_envvar=True,
+        help="Ask Slurm first (sbatch --test-only and the partition's limits): a request that can never "
+        "run is refused at once, a feasible one shows its estimated start.",
+    )(func)
+
+
+def use_preflight(cluster: Any, enabled: bool) -> None:
+    """Check every submission of this command first, reporting the estimated start on stderr."""
+    from ..console import say
+
+    cluster.preflight = (lambda verdict: say(f"preflight: {verdict.describe()}")) if enabled else None

@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from ..console import say
 from ..params import format_time
 from .context import AppContext
 
@@ -34,13 +35,22 @@ def command(app: AppContext, job_ids: tuple[str, ...], as_json: bool) -> None:
     else:
         infos = [info for job in cluster.jobs() if (info := job.last_info) is not None]
     if as_json:
-        click.echo(json.dumps([{k: _plain(v) for k, v in asdict(i).items()} for i in infos], indent=2))
+        records = [
+            {**{k: _plain(v) for k, v in asdict(i).items()}, "cannot_start": i.cannot_start} for i in infos
+        ]
+        click.echo(json.dumps(records, indent=2))
         return
     rows = [("JOBID", "STATE", "NAME", "NODES/REASON", "ELAPSED")]
+    stuck = []
     for info in infos:
         where = info.node_list or (info.reason or "")
+        if info.cannot_start:
+            where += " (can never start)"
+            stuck.append(info)
         elapsed = format_time(info.elapsed) if info.elapsed is not None else ""
         rows.append((info.job_id, info.state.value, info.name or "", where, elapsed))
     widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         click.echo("  ".join(str(cell).ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    for info in stuck:
+        say(f"job {info.job_id} can never start as asked ({info.reason}): {info.cannot_start}")

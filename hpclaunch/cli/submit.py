@@ -9,7 +9,7 @@ import click
 from ..console import say
 from .context import AppContext
 from .follow import follow_job
-from .options import given, job_options, parse_sets, set_option
+from .options import given, job_options, parse_sets, preflight_option, set_option, use_preflight
 
 
 @click.command(
@@ -31,6 +31,7 @@ Examples:
 @click.option(
     "--keep", is_flag=True, help="With --follow/--wait: Ctrl-C stops waiting but leaves the job running."
 )
+@preflight_option
 @click.pass_obj
 def command(
     app: AppContext,
@@ -41,6 +42,7 @@ def command(
     follow: bool,
     wait: bool,
     keep: bool,
+    preflight: bool,
     **values: Any,
 ) -> None:
     """Submit TEMPLATE_OR_SCRIPT: a template name (see `hpclaunch templates`) or a script file.
@@ -48,6 +50,7 @@ def command(
     Prints the job id on stdout.
     """
     cluster = app.cluster()
+    use_preflight(cluster, preflight)
     job = cluster.submit(
         template_or_script, command=command, variables=parse_sets(variables), **given(values)
     )

@@ -10,7 +10,7 @@ import click
 from ..console import say
 from .context import AppContext
 from .follow import follow_job
-from .options import given, job_options
+from .options import given, job_options, preflight_option, use_preflight
 
 
 @click.command(
@@ -52,6 +52,7 @@ Arguments after `--` go to the training script.
 )
 @click.option("--follow", "-f", is_flag=True, help="Stream the log until the run ends.")
 @click.option("--keep", is_flag=True, help="With --follow: Ctrl-C stops following but leaves the run going.")
+@preflight_option
 @click.pass_obj
 def command(
     app: AppContext,
@@ -63,6 +64,7 @@ def command(
     signal_lead: int,
     follow: bool,
     keep: bool,
+    preflight: bool,
     **values: Any,
 ) -> None:
     """Train JOB (a bundled job: mnist_lenet5, cifar10_resnet; or a path to your .py) on the allocated GPUs.
@@ -73,6 +75,7 @@ def command(
     from ..train import TrainOptions, submit
 
     cluster = app.cluster()
+    use_preflight(cluster, preflight)
     options = TrainOptions(python=python, signal_lead=signal_lead, max_requeues=max_requeues)
     run = submit(cluster, job, script_args, given(values), options)
     click.echo(run.id)

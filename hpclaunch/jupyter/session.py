@@ -20,7 +20,14 @@ from typing import TYPE_CHECKING, Any
 
 from ..config import Profile, TunnelMode, choice
 from ..console import no_interrupts
-from ..errors import HpclaunchError, JupyterError, ParameterError, TransportError, WaitTimeout
+from ..errors import (
+    CannotRun,
+    HpclaunchError,
+    JupyterError,
+    ParameterError,
+    TransportError,
+    WaitTimeout,
+)
 from ..job import Job, LogReader, log_tail
 from ..params import whole_number
 from ..polling import Backoff, Poller
@@ -303,6 +310,11 @@ def wait_for_server(
             raise JupyterError(
                 f"job {info.describe()} ended before Jupyter started",
                 details=job.log_tail(secret=token) or log_tail(text, secret=token),
+            )
+        if info.cannot_start is not None:
+            raise CannotRun(
+                f"job {job.id} can never start as asked ({info.reason}): {info.cannot_start}",
+                hint="the job is cancelled",
             )
         if info.phase is Phase.PENDING:
             if options.queue_timeout is not None and waited > options.queue_timeout:

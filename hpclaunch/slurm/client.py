@@ -6,6 +6,7 @@ tool, and a controller that does not answer yields UNKNOWN states, never a made-
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import random
@@ -15,15 +16,24 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from hpclaunch.errors import (
+    CannotRun,
     CommandTimeout,
     JobNotFound,
     SlurmError,
     SlurmUnavailable,
     SubmissionRejected,
 )
-from hpclaunch.polling import Backoff, Poller, UpdateCallback, wait_for
-from hpclaunch.scheduler import Capabilities
+from hpclaunch.polling import Backoff, PollBudget, Poller, UpdateCallback, wait_for
+from hpclaunch.scheduler import ArrayTask, Capabilities
 from hpclaunch.slurm import parse
+from hpclaunch.slurm.request import (
+    Partition,
+    Preflight,
+    job_request,
+    over_limits,
+    parse_partitions,
+    parse_test_only,
+)
 from hpclaunch.states import JobInfo, JobState, Phase
 from hpclaunch.transport.base import CommandResult, Transport
 
@@ -51,6 +61,15 @@ class RetryPolicy:
     backoff: Backoff = dataclasses.field(default_factory=lambda: Backoff(initial=0.5, maximum=8.0))
 
 
+def _refusal_hint(text: str) -> str:
+    if "node configuration is not available" in text.lower():
+        return (
+            "no node has what was asked for: ask for fewer --gpus, less --mem or --cpus-per-task, or "
+            "another --constraint/--partition (see `sinfo -o '%P %D %c %m %G %f'`)"
+        )
+    return "change the request (see `hpclaunch check --help`)"
+
+
 class _RetriesSpent(Exception):
     """The retry deadline passed: the last result stands."""
 
@@ -75,6 +94,7 @@ class SlurmClient:
         *,
         retry: RetryPolicy | None = None,
         command_timeout: float = 60.0,
+        poll_budget: PollBudget | None = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
         rng: Callable[[], float] = random.random,
@@ -82,11 +102,15 @@ class SlurmClient:
         self._transport = transport
         self.retry = retry or RetryPolicy()
         self.command_timeout = command_timeout
+        self.poll_budget = poll_budget or PollBudget()
         self._sleep = sleep
         self._clock = clock
         self._rng = rng
         #: None until sacct has been tried; False once it said accounting is disabled (never ask again).
         self.accounting: bool | None = None
+        # Read once per session: they change rarely and are the same for every job.
+        self._partitions: dict[str, Partition] | None = None
+        self._config: dict[str, str] | None = None
 
     @property
     def transport(self) -> Transport:
@@ -162,11 +186,72 @@ class SlurmClient:
         return self._sbatch(argv, stdin=script_text, env=env)
 
     def submit_array(
-        self, script_text: str, *, count: int, workdir: str, env: Mapping[str, str] | None = None
-    ) -> tuple[str, list[str]]:
-        """One sbatch of a script with its own ``#SBATCH --array`` line; tasks are ``ID_0``..."""
-        array_id = self.submit(script_text, workdir=workdir, env=env)
-        return array_id, [f"{array_id}_{index}" for index in range(count)]
+        self, script_text: str, *, count: int, workdir: str, max_concurrent: int | None = None
+    ) -> list[ArrayTask]:
+        """One ``sbatch --array=0-(N-1)[%M]`` per part of at most ``MaxArraySize`` tasks (read once per
+        session). With a throttle, each part waits for the one before it (``afterany``), so no more
+        than ``max_concurrent`` tasks of the whole sweep run at once."""
+        limit = self.max_array_size() or count
+        tasks: list[ArrayTask] = []
+        previous: str | None = None
+        try:
+            for offset in range(0, count, limit):
+                size = min(limit, count - offset)
+                spec = f"0-{size - 1}" + (f"%{max_concurrent}" if max_concurrent is not None else "")
+                args = [f"--array={spec}"]
+                if previous is not None and max_concurrent is not None:
+                    args.append(f"--dependency=afterany:{previous}")
+                part = self.submit(
+                    script_text, sbatch_args=args, workdir=workdir, env={"HPCLAUNCH_TASK_OFFSET": str(offset)}
+                )
+                tasks += [ArrayTask(f"{part}_{index}", part, index) for index in range(size)]
+                previous = part
+        except BaseException:
+            # A part refused half way: leave no earlier part running.
+            for part in dict.fromkeys(task.array_id for task in tasks):
+                with contextlib.suppress(SlurmError):
+                    self.cancel(part)
+            raise
+        return tasks
+
+    def check(
+        self, script_text: str, *, sbatch_args: Sequence[str] = (), workdir: str | None = None
+    ) -> Preflight:
+        """Whether and when the job could start, without queueing it: the partition's limits, then
+        ``sbatch --test-only`` with the very script and options. Raises CannotRun with what to change."""
+        problem = over_limits(job_request(script_text, sbatch_args), self.partitions())
+        if problem:
+            raise CannotRun(problem)
+        argv = ["sbatch", "--test-only", *self._check_args(sbatch_args)]
+        if workdir is not None:
+            argv.append(f"--chdir={workdir}")
+        result = self._run(argv, stdin=script_text)
+        text = result.stderr + result.stdout
+        found = parse_test_only(text)
+        if result.ok and found is not None:
+            return found
+        if parse.classify_error(text) == "transient":
+            raise SlurmUnavailable(f"the Slurm controller did not answer: {parse.slurm_message(text)}")
+        raise CannotRun(f"Slurm refuses the request: {parse.slurm_message(text)}", hint=_refusal_hint(text))
+
+    def partitions(self) -> dict[str, Partition]:
+        """Every partition's limits (``scontrol show partition -o``), read once per session."""
+        if self._partitions is None:
+            result = self._run(["scontrol", "show", "partition", "-o"])
+            self._partitions = parse_partitions(result.stdout) if result.ok else {}
+        return self._partitions
+
+    def config(self, key: str) -> str | None:
+        """One value of ``scontrol show config`` (read once per session), e.g. ``MaxArraySize``."""
+        if self._config is None:
+            result = self._run(["scontrol", "show", "config"])
+            self._config = parse.parse_config(result.stdout) if result.ok else {}
+        return self._config.get(key)
+
+    def max_array_size(self) -> int | None:
+        """Task ids of one array must stay below this (``MaxArraySize``); None when unknown."""
+        value = self.config("MaxArraySize")
+        return int(value) if value and value.isdigit() else None
 
     def gpus_per_node(self, partition: str | None) -> int | None:
         """The most GPUs any node of the partition has, from ``sinfo``; None when it cannot be told
@@ -388,12 +473,13 @@ class SlurmClient:
         job_ids: Iterable[str],
         *,
         timeout: float | None = None,
-        poll: float = 0.1,
-        max_poll: float = 15.0,
+        poll: float | None = None,
+        max_poll: float | None = None,
         on_update: UpdateCallback | None = None,
         unknown_grace: float = 120.0,
     ) -> dict[str, JobInfo]:
-        """Poll all ids with one batched query per round until every job has ended.
+        """Poll all ids with one batched query per round until every job has ended (or is pending for
+        a reason that cannot clear), backing off within the profile's polling budget.
 
         Raises WaitTimeout at ``timeout``; raises SlurmError when an id stays unknown to every source
         for ``unknown_grace`` seconds (a typo, or a job purged before we looked), instead of hanging.
@@ -417,8 +503,7 @@ class SlurmClient:
             query,
             job_ids,
             timeout=timeout,
-            poll=poll,
-            max_poll=max_poll,
+            backoff=self.poll_budget.backoff(poll, max_poll),
             on_update=on_update,
             sleep=self._sleep,
             clock=self._clock,

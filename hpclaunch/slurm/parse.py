@@ -557,3 +557,13 @@ def parse_sinfo_gpus(text: str) -> int | None:
     None when no node lists any."""
     counts = [int(m.group(1)) for gres in text.split() for m in _GRES_GPUS.finditer(gres)]
     return max(counts) if counts else None
+
+
+def parse_config(text: str) -> dict[str, str]:
+    """``scontrol show config`` as ``{key: value}`` (``MaxArraySize = 1001`` lines)."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep and key.strip() and " " not in key.strip():
+            out[key.strip()] = value.strip()
+    return out

@@ -68,7 +68,7 @@ TIMEOUT_TEST = "test_time_limit_is_reported_as_timeout"
 class Cli:
     """``python -m hpclaunch ARGS`` in the background, its stdout and stderr collected line by line."""
 
-    def __init__(self, env: Mapping[str, str], *args: str) -> None:
+    def __init__(self, env: Mapping[str, str], *args: str, sigint_ignored: bool = False) -> None:
         self.args = args
         self.proc = subprocess.Popen(
             hpclaunch_argv(*args),
@@ -77,6 +77,8 @@ class Cli:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            # As a script's `cmd &`, cron or `nohup cmd &` start it: Ctrl-C ignored from the start.
+            preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None,
         )
         self.out: list[str] = []
         self.err: list[str] = []
@@ -739,6 +741,28 @@ def test_ctrl_c_while_following_a_running_job_cancels_it(cli_env: dict[str, str]
         assert cli.wait(timeout=20) == 130, cli.stderr
         assert_cancelled_within(job_id, sent)
         assert "Traceback" not in cli.stderr, cli.stderr
+    finally:
+        cli.stop()
+        scancel(job_id)
+
+
+@pytest.mark.parametrize("mode", ["--follow", "--wait"])
+def test_sigterm_of_a_background_submit_cancels_its_job(cli_env: dict[str, str], mode: str) -> None:
+    # First landing: with SIGINT ignored no handler was installed at all, and TERM killed the client
+    # outright, leaving the job running.
+    cli = Cli(
+        cli_env, "submit", "run", mode, "--", "bash", "-c", "echo started; sleep 60", sigint_ignored=True
+    )
+    job_id = ""
+    try:
+        job_id = cli.job_id()
+        assert wait_state(job_id, {"RUNNING"}, timeout=30) == "RUNNING"
+        time.sleep(0.5)  # in the wait or follow loop
+        sent = time.monotonic()
+        cli.proc.send_signal(signal.SIGTERM)
+        assert cli.wait(timeout=20) == 130, cli.stderr
+        assert_cancelled_within(job_id, sent)
+        assert f"cancelled job {job_id}" in cli.stderr and "Traceback" not in cli.stderr
     finally:
         cli.stop()
         scancel(job_id)

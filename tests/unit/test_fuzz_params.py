@@ -29,8 +29,8 @@ from hypothesis import strategies as st
 from hpclaunch.cluster import Cluster
 from hpclaunch.config import Profile
 from hpclaunch.errors import ParameterError
-from hpclaunch.localsched import sbatch_header_args
 from hpclaunch.params import JOB_PARAMS, PARAMS_BY_NAME, reject_control_chars, sbatch_directives
+from hpclaunch.slurm.request import sbatch_header_args
 
 CANARY = "CANARY"
 FUZZ = settings(

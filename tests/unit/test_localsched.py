@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from hpclaunch.errors import SlurmError, SubmissionRejected, WaitTimeout
-from hpclaunch.localsched import LocalScheduler, parse_sbatch_options, sbatch_header_args
+from hpclaunch.localsched import LocalScheduler
 from hpclaunch.scheduler import Scheduler
+from hpclaunch.slurm.request import parse_sbatch_options, sbatch_header_args
 from hpclaunch.states import JobState, Phase
 
 
@@ -194,6 +195,7 @@ def test_sbatch_option_parsing() -> None:
         "job_name": "c",
         "cpus_per_task": "4",
         "chdir": "/x",
+        "time": "10",
         "output": "out",
         "error": "e",
     }
