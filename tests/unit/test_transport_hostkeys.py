@@ -178,15 +178,16 @@ def test_preferred_key_types_put_known_first(tmp_path: Path) -> None:
     assert checker.preferred_key_types("unknown", offered) == offered
 
 
-def test_policy_for_sshclient_users_refuses_unknown(tmp_path: Path) -> None:
+def test_a_paramiko_key_of_an_unknown_host_is_refused_and_not_recorded(tmp_path: Path) -> None:
     import paramiko
 
     _, _, path = _keygen(tmp_path, "k")
     key = paramiko.PKey.from_path(path)
-    policy = HostKeyChecker([str(tmp_path / "kh")], []).as_policy()
-    assert not isinstance(policy, paramiko.AutoAddPolicy)
+    known = tmp_path / "kh"
     with pytest.raises(HostKeyError):
-        policy.missing_host_key(paramiko.SSHClient(), "[127.0.0.1]:2222", key)
+        # What the SSH transport does with the key a server presents.
+        HostKeyChecker([str(known)], []).check("[127.0.0.1]:2222", key.get_name(), key.asbytes())
+    assert not known.exists()
 
 
 def test_accept_new_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -208,7 +209,7 @@ def _config(text: str) -> object:
 
 
 def test_resolve_reads_ssh_config(tmp_path: Path) -> None:
-    from hpclaunch.transport.ssh import resolve
+    from hpclaunch.transport.hostsettings import resolve
 
     config = _config(
         f"""
@@ -248,7 +249,7 @@ Host hpc
 
 
 def test_resolve_defaults_for_an_unknown_host() -> None:
-    from hpclaunch.transport.ssh import DEFAULT_IDENTITY_FILES, resolve
+    from hpclaunch.transport.hostsettings import DEFAULT_IDENTITY_FILES, resolve
 
     s = resolve("10.1.2.3", _config("Host other\n  User x\n"))  # type: ignore[arg-type]
     assert (s.hostname, s.port, s.proxy_jump, s.proxy_command) == ("10.1.2.3", 22, (), None)
@@ -259,7 +260,7 @@ def test_resolve_defaults_for_an_unknown_host() -> None:
 
 
 def test_parse_hop() -> None:
-    from hpclaunch.transport.ssh import parse_hop
+    from hpclaunch.transport.hostsettings import parse_hop
 
     assert parse_hop("bastion") == (None, "bastion", None)
     assert parse_hop("u@gate:2022") == ("u", "gate", 2022)
