@@ -1,31 +1,27 @@
-"""Host settings: ``~/.ssh/config`` and explicit overrides -> one resolved record per hop.
+"""Host settings: the ssh config and explicit overrides -> one resolved record per hop.
 
-Honoured (through ``paramiko.SSHConfig``): HostName, User, Port, IdentityFile, IdentitiesOnly,
-ProxyJump (each hop resolved through the same config), ProxyCommand, UserKnownHostsFile,
-GlobalKnownHostsFile, HostKeyAlias, HashKnownHosts, StrictHostKeyChecking (``accept-new`` opts in),
-ServerAliveInterval and ConnectTimeout.
+The config is evaluated by OpenSSH itself (``ssh -G``) where an ``ssh`` binary exists, else by
+:mod:`~hpclaunch.transport.sshconfig` in Python. Used: HostName, User, Port, IdentityFile,
+CertificateFile, IdentitiesOnly, IdentityAgent, ProxyJump (each hop resolved the same way),
+ProxyCommand, UserKnownHostsFile, GlobalKnownHostsFile, HostKeyAlias, HashKnownHosts,
+StrictHostKeyChecking (``accept-new`` opts in), ServerAliveInterval and ConnectTimeout.
 """
 
 from __future__ import annotations
 
 import getpass
-import logging
 import os
 import shlex
-from collections.abc import Sequence
+import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
 from hpclaunch.errors import ConfigError, ConnectionFailed
+from hpclaunch.transport import sshconfig
 from hpclaunch.transport.hostkeys import DEFAULT_SYSTEM_FILES, DEFAULT_USER_FILES, host_key_name
-
-if TYPE_CHECKING:
-    import paramiko
-
-log = logging.getLogger(__name__)
+from hpclaunch.transport.sshconfig import Options, first
 
 DEFAULT_CONFIG = "~/.ssh/config"
-SYSTEM_CONFIG = "/etc/ssh/ssh_config"
 DEFAULT_KEEPALIVE = 30
 DEFAULT_CONNECT_TIMEOUT = 15.0
 #: Tried, like OpenSSH, only when no IdentityFile is configured at all.
@@ -43,6 +39,10 @@ class HostSettings:
     user: str
     identity_files: tuple[str, ...]
     identities_only: bool = False
+    #: CertificateFile entries (a ``KEY-cert.pub`` beside a key is found without them).
+    certificate_files: tuple[str, ...] = ()
+    #: IdentityAgent: None = ``$SSH_AUTH_SOCK``, ``"none"`` = no agent, else the agent's socket path.
+    identity_agent: str | None = None
     #: Jump hosts as written (``[user@]host[:port]``), outermost first.
     proxy_jump: tuple[str, ...] = ()
     proxy_command: str | None = None
@@ -65,38 +65,6 @@ class HostSettings:
         return host_key_name(self.host_key_alias or self.hostname, self.port)
 
 
-def load_ssh_config(path: str | None = None) -> paramiko.SSHConfig:
-    """The given config file, or ``~/.ssh/config`` then ``/etc/ssh/ssh_config`` like OpenSSH.
-
-    The first value found wins, so parsing the user file first gives it priority.
-    """
-    import paramiko
-
-    config = paramiko.SSHConfig()
-    if path is not None:
-        expanded = os.path.expanduser(path)
-        try:
-            with open(expanded, encoding="utf-8") as fh:
-                config.parse(fh)
-        except OSError as exc:
-            raise ConfigError(f"cannot read ssh config {path}: {exc.strerror or exc}") from exc
-        except Exception as exc:
-            raise ConfigError(f"cannot parse ssh config {path}: {exc}") from exc
-        return config
-    for candidate, required in ((DEFAULT_CONFIG, True), (SYSTEM_CONFIG, False)):
-        expanded = os.path.expanduser(candidate)
-        if not os.path.isfile(expanded):
-            continue
-        try:
-            with open(expanded, encoding="utf-8") as fh:
-                config.parse(fh)
-        except Exception as exc:
-            if required:
-                raise ConfigError(f"cannot parse ssh config {candidate}: {exc}") from exc
-            log.debug("ignoring unreadable %s: %s", candidate, exc)
-    return config
-
-
 def _as_int(value: str | None, default: int, key: str) -> int:
     if value is None:
         return default
@@ -112,15 +80,33 @@ def _yes(value: str | None) -> bool:
 
 def _paths(value: str | None, default: Sequence[str]) -> tuple[str, ...]:
     if value is None:
-        return tuple(default)
+        return tuple(os.path.expanduser(p) for p in default)
     if value.strip().lower() == "none":
         return ()
-    return tuple(shlex.split(value))
+    return tuple(os.path.expanduser(p) for p in shlex.split(value))
+
+
+def _proxy_command(value: str | None, hostname: str, port: int, user: str, alias: str) -> str | None:
+    if not value or value.lower() == "none":
+        return None
+    # ssh -G prints ProxyCommand unexpanded; OpenSSH expands these when it runs it.
+    table = {"%": "%", "h": hostname, "p": str(port), "r": user, "n": alias}
+    return sshconfig.substitute(value, table)
+
+
+def _identity_agent(value: str | None) -> str | None:
+    if value is None or value == "SSH_AUTH_SOCK":
+        return None
+    if value.lower() == "none":
+        return "none"
+    if value.startswith("$"):
+        return os.environ.get(value[1:]) or "none"
+    return os.path.expanduser(value)
 
 
 def resolve(
     host: str,
-    config: paramiko.SSHConfig,
+    opts: Mapping[str, Sequence[str]],
     *,
     user: str | None = None,
     port: int | None = None,
@@ -128,35 +114,45 @@ def resolve(
     connect_timeout: float | None = None,
     keepalive: int | None = None,
 ) -> HostSettings:
-    """Apply ``config`` to ``host`` (an alias or a host name); explicit arguments win over it."""
-    opts = config.lookup(host)
-    jumps = opts.get("proxyjump")
-    command = opts.get("proxycommand")
+    """Settings for ``host`` from its evaluated config ``opts``; explicit arguments win over it."""
+    jumps = first(opts, "proxyjump")
     configured = list(opts.get("identityfile", []))
+    if tuple(configured) == sshconfig.OPENSSH_DEFAULT_IDENTITIES:
+        configured = []  # what ssh -G lists when nothing is configured
     # OpenSSH: -i files come before the config's; the defaults only when nothing is configured.
     files = [*identity_files, *configured] or list(DEFAULT_IDENTITY_FILES)
     timeout = connect_timeout
     if timeout is None:
-        timeout = float(_as_int(opts.get("connecttimeout"), int(DEFAULT_CONNECT_TIMEOUT), "ConnectTimeout"))
-    strict = (opts.get("stricthostkeychecking") or "").strip().lower()
+        text = first(opts, "connecttimeout")
+        timeout = float(
+            _as_int(None if text == "none" else text, int(DEFAULT_CONNECT_TIMEOUT), "ConnectTimeout")
+        )
+    if keepalive is None:
+        # ssh -G prints 0 when unset; a long tunnel needs keepalives, so 0 from a config means ours.
+        keepalive = _as_int(first(opts, "serveraliveinterval"), DEFAULT_KEEPALIVE, "ServerAliveInterval")
+        keepalive = keepalive or DEFAULT_KEEPALIVE
+    strict = (first(opts, "stricthostkeychecking") or "").strip().lower()
+    hostname = first(opts, "hostname") or host
+    the_port = port or _as_int(first(opts, "port"), 22, "Port")
+    the_user = user or first(opts, "user") or getpass.getuser()
     return HostSettings(
         alias=host,
-        hostname=opts.get("hostname", host),
-        port=port or _as_int(opts.get("port"), 22, "Port"),
-        user=user or opts.get("user") or getpass.getuser(),
+        hostname=hostname,
+        port=the_port,
+        user=the_user,
         identity_files=tuple(os.path.expanduser(f) for f in files),
-        identities_only=_yes(opts.get("identitiesonly")),
+        identities_only=_yes(first(opts, "identitiesonly")),
+        certificate_files=tuple(os.path.expanduser(f) for f in opts.get("certificatefile", [])),
+        identity_agent=_identity_agent(first(opts, "identityagent")),
         proxy_jump=() if not jumps or jumps.lower() == "none" else tuple(j.strip() for j in jumps.split(",")),
-        proxy_command=None if not command or command.lower() == "none" else command,
-        user_known_hosts=_paths(opts.get("userknownhostsfile"), DEFAULT_USER_FILES),
-        global_known_hosts=_paths(opts.get("globalknownhostsfile"), DEFAULT_SYSTEM_FILES),
-        host_key_alias=opts.get("hostkeyalias"),
-        hash_known_hosts=_yes(opts.get("hashknownhosts")),
+        proxy_command=_proxy_command(first(opts, "proxycommand"), hostname, the_port, the_user, host),
+        user_known_hosts=_paths(first(opts, "userknownhostsfile"), DEFAULT_USER_FILES),
+        global_known_hosts=_paths(first(opts, "globalknownhostsfile"), DEFAULT_SYSTEM_FILES),
+        host_key_alias=first(opts, "hostkeyalias"),
+        hash_known_hosts=_yes(first(opts, "hashknownhosts")),
         # Whoever wrote accept-new (or no) for OpenSSH has opted in; a changed key is refused anyway.
-        accept_new_in_config=strict in ("accept-new", "no", "off"),
-        keepalive=keepalive
-        if keepalive is not None
-        else _as_int(opts.get("serveraliveinterval"), DEFAULT_KEEPALIVE, "ServerAliveInterval"),
+        accept_new_in_config=strict in ("accept-new", "no", "off", "false"),
+        keepalive=keepalive,
         connect_timeout=timeout,
     )
 
@@ -192,18 +188,36 @@ class Resolver:
         identity_files: Sequence[str] = (),
         connect_timeout: float | None = None,
         keepalive: int | None = None,
+        openssh: bool | None = None,
     ) -> None:
-        self.config = load_ssh_config(config_path)
+        if config_path is not None:
+            try:  # fail here, with the file's name, rather than in the first ssh -G
+                with open(os.path.expanduser(config_path), "rb"):
+                    pass
+            except OSError as exc:
+                raise ConfigError(f"cannot read ssh config {config_path}: {exc.strerror or exc}") from None
+        self.config_path = config_path
         #: The config file named in hints ("check HostName of X in ~/.ssh/config").
         self.config_name = config_path or DEFAULT_CONFIG
+        #: The ``ssh`` binary that evaluates the config (None: the Python evaluator). ``openssh``:
+        #: None = use it where installed, False = never, True = required.
+        self.ssh = shutil.which("ssh") if openssh is not False else None
+        if openssh and self.ssh is None:
+            raise ConfigError("no OpenSSH client (`ssh`) on PATH to evaluate the ssh config")
         self._identity_files = tuple(identity_files)
         self._connect_timeout = connect_timeout
         self._keepalive = keepalive
 
+    def options(self, alias: str, *, user: str | None = None, port: int | None = None) -> Options:
+        """The evaluated config of ``alias`` (``ssh -G`` where available)."""
+        if self.ssh is not None:
+            return sshconfig.openssh_options(self.ssh, alias, self.config_path, user=user, port=port)
+        return sshconfig.python_options(alias, self.config_path, user=user, port=port)
+
     def host(self, alias: str, *, user: str | None = None, port: int | None = None) -> HostSettings:
         return resolve(
             alias,
-            self.config,
+            self.options(alias, user=user, port=port),
             user=user,
             port=port,
             identity_files=self._identity_files,

@@ -75,7 +75,9 @@ class SSHTransport(Transport):
         prompter: Prompter | None = None,
         allow_agent: bool = True,
         proxy_jump: str | None = None,
+        openssh_config: bool | None = None,
     ) -> None:
+        """``openssh_config``: evaluate the ssh config with ``ssh -G`` (None: where installed)."""
         super().__init__()
         if isinstance(identity_file, str):
             identity_file = [identity_file]
@@ -84,6 +86,7 @@ class SSHTransport(Transport):
             identity_files=[os.path.expanduser(p) for p in identity_file or ()],
             connect_timeout=connect_timeout,
             keepalive=keepalive,
+            openssh=openssh_config,
         )
         self._config_name = self.resolver.config_name
         self.settings = self.resolver.host(host, user=user, port=port)

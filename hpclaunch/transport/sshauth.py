@@ -2,7 +2,9 @@
 
 The order is OpenSSH's: keys first (the agent's, then files, each offered once), then the prompted
 methods through a :data:`Prompter`, so a site that wants a key and then a one-time code (MFA) asks
-for the code once per connection.
+for the code once per connection. A key with a user certificate (``CertificateFile``, or
+``KEY-cert.pub`` beside the key; also for keys held by the agent) is offered with it first; an
+expired certificate is not offered and says so in the error.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import binascii
 import getpass
 import logging
 import os
+import socket
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -19,6 +22,7 @@ from typing import TYPE_CHECKING
 
 from hpclaunch.errors import ConnectionFailed, HostKeyError, HpclaunchWarning
 from hpclaunch.transport.base import reason
+from hpclaunch.transport.sshcert import Certificate, load_certificate
 
 if TYPE_CHECKING:
     import paramiko
@@ -81,6 +85,18 @@ def _public_blob(path: str) -> bytes | None:
         return None
 
 
+def _certificate_for(key: paramiko.PKey, certs: list[Certificate], beside: str | None) -> Certificate | None:
+    """The certificate of ``key``: a CertificateFile that certifies it, else ``KEY-cert.pub``."""
+    blob = key.asbytes()
+    if key.get_name().endswith("-cert-v01@openssh.com"):
+        return None  # the agent holds the certificate itself
+    for cert in certs:
+        if cert.public_key == blob:
+            return cert
+    found = load_certificate(beside + "-cert.pub") if beside is not None else None
+    return found if found is not None and found.public_key == blob else None
+
+
 class Authenticator:
     """Logs one user in on an open paramiko transport; raises ConnectionFailed with every reason."""
 
@@ -137,15 +153,27 @@ class Authenticator:
             f"check User and IdentityFile of {s.alias} in {self._config_name}",
         )
 
-    def _agent_keys(self) -> list[paramiko.PKey]:
+    def _agent_keys(self, s: HostSettings) -> list[paramiko.PKey]:
+        """The agent's keys: ``$SSH_AUTH_SOCK``, or the IdentityAgent socket; none for ``none``."""
         import paramiko
+        from paramiko.agent import AgentSSH
 
-        if not self._allow_agent or not os.environ.get("SSH_AUTH_SOCK"):
+        if not self._allow_agent or s.identity_agent == "none":
+            return []
+        if s.identity_agent is None and not os.environ.get("SSH_AUTH_SOCK"):
             return []
         try:
-            return list(paramiko.Agent().get_keys())
+            if s.identity_agent is None:
+                return list(paramiko.Agent().get_keys())
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.connect(s.identity_agent)
+            # paramiko's Agent reads only $SSH_AUTH_SOCK; give it this socket instead.
+            agent = paramiko.Agent.__new__(paramiko.Agent)
+            AgentSSH.__init__(agent)
+            agent._connect(sock)  # type: ignore[attr-defined]
+            return list(agent.get_keys())
         except (paramiko.SSHException, OSError) as exc:
-            log.debug("ssh-agent unavailable: %s", exc)
+            log.debug("ssh-agent %s unavailable: %s", s.identity_agent or "$SSH_AUTH_SOCK", exc)
             return []
 
     def publickey(
@@ -153,18 +181,21 @@ class Authenticator:
     ) -> list[str] | None:
         """Offer agent keys, then key files; None when no key worked, else the next methods."""
         import paramiko
+        from paramiko.pkey import PublicBlob
 
         files = [f for f in s.identity_files if os.path.exists(f)]
         missing = [f for f in s.identity_files if not os.path.exists(f)]
         file_blobs = {f: _public_blob(f) for f in files}
-        agent_keys = self._agent_keys()
+        certs = [c for c in map(load_certificate, s.certificate_files) if c is not None]
+        agent_keys = self._agent_keys(s)
         if s.identities_only:
-            wanted = {b for b in file_blobs.values() if b is not None}
+            wanted = {b for b in file_blobs.values() if b is not None} | {c.public_key for c in certs}
             agent_keys = [k for k in agent_keys if k.asbytes() in wanted]
         tried_blobs: set[bytes] = set()
         offered: list[str] = []
+        cert_problems: list[str] = []
 
-        def offer(key: paramiko.PKey, label: str) -> list[str] | None:
+        def try_key(key: paramiko.PKey, label: str) -> list[str] | None:
             tried_blobs.add(key.asbytes())
             offered.append(label)
             try:
@@ -173,6 +204,21 @@ class Authenticator:
                 return None
             except paramiko.AuthenticationException:
                 return None
+
+        def offer(key: paramiko.PKey, label: str, beside: str | None = None) -> list[str] | None:
+            """With its certificate first (if one is valid), then the plain key, like OpenSSH."""
+            cert = _certificate_for(key, certs, beside)
+            if cert is not None and (problem := cert.problem()) is not None:
+                cert_problems.append(problem)
+                cert = None
+            key.public_blob = None  # paramiko attaches KEY-cert.pub unchecked; we attach ours below
+            if cert is not None:
+                key.public_blob = PublicBlob(cert.cert_type, cert.blob)
+                result = try_key(key, f"{label} with certificate {cert.path}")
+                key.public_blob = None
+                if transport.is_authenticated() or result:
+                    return result
+            return try_key(key, label)
 
         for key in agent_keys:
             result = offer(key, f"agent key {key.get_name()}")
@@ -200,7 +246,7 @@ class Authenticator:
                 continue
             if key.asbytes() in tried_blobs:
                 continue
-            result = offer(key, path)
+            result = offer(key, path, beside=path)
             if transport.is_authenticated() or result:
                 return result
         if offered:
@@ -208,6 +254,7 @@ class Authenticator:
         elif not any("passphrase" in p for p in problems):
             places = ", ".join(missing) if missing else "none configured"
             problems.insert(0, f"no SSH key to offer (no ssh-agent keys; key files: {places})")
+        problems[:0] = cert_problems  # the likeliest reason a site's login fails: say it first
         return None
 
     def _prompted(
