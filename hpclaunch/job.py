@@ -18,7 +18,7 @@ from .transport.base import PathNotFound
 if TYPE_CHECKING:
     from .scheduler import Scheduler
     from .states import JobInfo
-    from .transport.base import Transport
+    from .transport.base import FileStore
 
 #: How many lines of a job's log an error report shows.
 LOG_TAIL_LINES = 15
@@ -31,7 +31,7 @@ class JobHost(Protocol):
     def scheduler(self) -> Scheduler: ...
 
     @property
-    def transport(self) -> Transport: ...
+    def transport(self) -> FileStore: ...
 
 
 class LogReader:
@@ -41,7 +41,7 @@ class LogReader:
     error (a connection, a permission) is raised, never mistaken for "not written yet".
     """
 
-    def __init__(self, files: Transport, path: str | None = None, *, chunk: int = 1 << 16) -> None:
+    def __init__(self, files: FileStore, path: str | None = None, *, chunk: int = 1 << 16) -> None:
         self.files = files
         self.path = path
         self.chunk = chunk

@@ -15,7 +15,6 @@ from hpclaunch.states import JobInfo
 
 if TYPE_CHECKING:
     from hpclaunch.slurm.request import Preflight
-    from hpclaunch.transport.base import Transport
 
 __all__ = ["ArrayTask", "Capabilities", "Scheduler", "UpdateCallback"]
 
@@ -48,11 +47,6 @@ class Scheduler(Protocol):
     #: ``slurm`` or ``local``, for messages.
     name: str
     capabilities: Capabilities
-
-    @property
-    def transport(self) -> Transport:
-        """Where the jobs' files (output, work dirs) can be read."""
-        ...
 
     def submit(
         self,

@@ -35,7 +35,7 @@ from hpclaunch.slurm.request import (
     parse_test_only,
 )
 from hpclaunch.states import JobInfo, JobState, Phase
-from hpclaunch.transport.base import CommandResult, Transport
+from hpclaunch.transport.base import CommandResult, CommandRunner
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class SlurmClient:
 
     def __init__(
         self,
-        transport: Transport,
+        transport: CommandRunner,
         *,
         retry: RetryPolicy | None = None,
         command_timeout: float = 60.0,
@@ -113,7 +113,7 @@ class SlurmClient:
         self._config: dict[str, str] | None = None
 
     @property
-    def transport(self) -> Transport:
+    def transport(self) -> CommandRunner:
         """The transport every command goes through."""
         return self._transport
 

@@ -14,7 +14,8 @@ from hpclaunch.transport.base import CommandResult, Forward, ForwardStatus, Path
 from hpclaunch.transport.local import LocalTransport
 
 if TYPE_CHECKING:
-    from hpclaunch.transport.ssh import Prompter, SSHTransport
+    from hpclaunch.transport.ssh import SSHTransport
+    from hpclaunch.transport.sshauth import Prompter
 
 __all__ = [
     "CommandResult",

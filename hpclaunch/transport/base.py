@@ -1,7 +1,12 @@
-"""The one interface every way of reaching the cluster implements.
+"""The interface every way of reaching the cluster implements, split into the roles callers need.
 
-All of sbatch, squeue, scontrol, scancel and sacct go through ``Transport.run`` with an argv list;
-only the SSH transport turns it into a string, at its boundary, with ``shlex.join``.
+- :class:`CommandRunner`: ``run(argv)`` (sbatch, squeue, scontrol, scancel, sacct all go through it)
+- :class:`FileStore`: read, write, exists, makedirs, remove, put, get
+- :class:`Forwarder`: ``forward`` a local port to a host:port seen from the far side
+- :class:`Transport`: all three, what the local and SSH transports implement
+
+A test fake subclasses only the role it plays. argv stays a list until the SSH boundary, where it
+becomes a string once, with ``shlex.join``; the argv helpers below are shared by both transports.
 """
 
 from __future__ import annotations
@@ -9,11 +14,51 @@ from __future__ import annotations
 import abc
 import collections
 import contextlib
+import shlex
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from hpclaunch.errors import TransportError
+
+_E = TypeVar("_E", bound="Endpoint")
+
+
+def check_argv(argv: Sequence[str]) -> list[str]:
+    """Refuse what is not a non-empty list of strings (a bare string would be split per character)."""
+    if isinstance(argv, (str, bytes)):
+        raise TypeError("argv must be a list of strings, not one string")
+    args = list(argv)
+    if not args:
+        raise ValueError("argv is empty")
+    for arg in args:
+        if not isinstance(arg, str):
+            raise TypeError(f"argv items must be str, got {type(arg).__name__}: {arg!r}")
+        if "\0" in arg:
+            raise ValueError(f"argv item contains a NUL byte: {arg!r}")
+    return args
+
+
+def as_bytes(data: str | bytes | None) -> bytes | None:
+    return data.encode("utf-8") if isinstance(data, str) else data
+
+
+def decode(data: bytes) -> str:
+    return data.decode("utf-8", errors="replace")
+
+
+def short_command(argv: Sequence[str]) -> str:
+    """The command for messages, cut so a huge argv does not flood a terminal."""
+    text = shlex.join(argv)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def reason(exc: BaseException) -> str:
+    """An exception as the short tail of a one-line message (``connection refused``)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror.lower()
+    return str(exc) or type(exc).__name__
 
 
 class PathNotFound(TransportError, FileNotFoundError):
@@ -62,17 +107,51 @@ class Forward:
     status: ForwardStatus = field(default_factory=ForwardStatus, compare=False, repr=False)
 
 
-class Transport(abc.ABC):
-    """Run commands and touch files where Slurm lives: here, or at the far end of one SSH connection."""
+class Endpoint(abc.ABC):
+    """The far side of every role: where it is, its home directory, and the connection's life."""
 
     #: True when commands run on another machine (the local end of a tunnel is then this machine).
     is_remote: bool = False
 
+    @property
+    @abc.abstractmethod
+    def description(self) -> str:
+        """Where commands run, for messages (``this machine`` or ``user@host``)."""
+
+    @abc.abstractmethod
+    def home(self) -> str:
+        """The home directory of the user commands run as."""
+
+    def expand(self, path: str) -> str:
+        """Expand a leading ``~`` against the far side's home directory."""
+        if path == "~":
+            return self.home()
+        if path.startswith("~/"):
+            return self.home().rstrip("/") + path[1:]
+        return path
+
+    def connect(self) -> None:  # noqa: B027 - optional hook
+        """Open the connection now instead of on first use (to fail early); a no-op locally."""
+
+    def reconnect(self) -> None:  # noqa: B027 - optional hook
+        """Drop the connection and open a new one (after it broke); a no-op locally."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release the connection, if any."""
+
+    def __enter__(self: _E) -> _E:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class CommandRunner(Endpoint):
+    """Runs argv lists where Slurm lives (what ``SlurmClient`` needs)."""
+
     def __init__(self) -> None:
         #: How many commands ran, keyed by ``argv[0]`` (tests assert "one squeue call").
         self.command_counts: collections.Counter[str] = collections.Counter()
-        #: SSH handshakes done (each hop of a ProxyJump counts); always 0 for the local transport.
-        self.connections_opened: int = 0
         self._count_lock = threading.Lock()
 
     @property
@@ -83,11 +162,6 @@ class Transport(abc.ABC):
     def _count_command(self, argv: Sequence[str]) -> None:
         with self._count_lock:
             self.command_counts[argv[0]] += 1
-
-    @property
-    @abc.abstractmethod
-    def description(self) -> str:
-        """Where commands run, for messages (``this machine`` or ``user@host``)."""
 
     @abc.abstractmethod
     def run(
@@ -105,6 +179,10 @@ class Transport(abc.ABC):
         :class:`~hpclaunch.errors.CommandError`; running past ``timeout`` seconds kills the command and
         raises :class:`~hpclaunch.errors.CommandTimeout`. A missing executable is exit code 127.
         """
+
+
+class FileStore(Endpoint):
+    """Files on the far side (run directories, scripts, logs); a leading ``~`` is its home."""
 
     @abc.abstractmethod
     def read_bytes(self, path: str, *, offset: int = 0, limit: int | None = None) -> bytes:
@@ -127,19 +205,11 @@ class Transport(abc.ABC):
     def exists(self, path: str) -> bool: ...
 
     @abc.abstractmethod
-    def size(self, path: str) -> int | None:
-        """The size of a file in bytes, or None when it does not exist."""
-
-    @abc.abstractmethod
     def makedirs(self, path: str, *, mode: int = 0o700) -> None: ...
 
     @abc.abstractmethod
     def remove(self, path: str) -> None:
         """Remove a file; a missing file is not an error."""
-
-    @abc.abstractmethod
-    def home(self) -> str:
-        """The home directory of the user commands run as."""
 
     @abc.abstractmethod
     def put(self, local_path: str, remote_path: str, *, mode: int | None = None) -> None:
@@ -148,6 +218,10 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     def get(self, remote_path: str, local_path: str) -> None:
         """Copy a file from the transport's side to this machine."""
+
+
+class Forwarder(Endpoint):
+    """Local ports that reach a host:port as seen from the far side (the notebook tunnel)."""
 
     @abc.abstractmethod
     def forward(
@@ -158,32 +232,11 @@ class Transport(abc.ABC):
         The listener is closed when the context exits, even on error.
         """
 
-    def expand(self, path: str) -> str:
-        """Expand a leading ``~`` against the far side's home directory."""
-        if path == "~":
-            return self.home()
-        if path.startswith("~/"):
-            return self.home().rstrip("/") + path[1:]
-        return path
 
-    def connect(self) -> None:  # noqa: B027 - optional hook
-        """Open the connection now instead of on first use (to fail early); a no-op locally."""
+class Transport(CommandRunner, FileStore, Forwarder):
+    """Run commands and touch files where Slurm lives: here, or at the far end of one SSH connection."""
 
-    def reconnect(self) -> None:  # noqa: B027 - optional hook
-        """Drop the connection and open a new one (after it broke); a no-op locally."""
-
-    def close(self) -> None:  # noqa: B027 - optional hook
-        """Release the connection, if any."""
-
-    def __enter__(self) -> Transport:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @contextlib.contextmanager
-    def session(self) -> Iterator[Transport]:
-        try:
-            yield self
-        finally:
-            self.close()
+    def __init__(self) -> None:
+        super().__init__()
+        #: SSH handshakes done (each hop of a ProxyJump counts); always 0 for the local transport.
+        self.connections_opened: int = 0

@@ -22,12 +22,8 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
 from hpclaunch.errors import HostKeyError
-
-if TYPE_CHECKING:
-    import paramiko
 
 log = logging.getLogger(__name__)
 
@@ -254,19 +250,3 @@ class HostKeyChecker:
         log.warning("recorded new host key for %s (%s %s) in %s", name, key_type, fingerprint(blob), path)
         if self._keys is not None:
             self._keys.append(KnownKey((entry_name,), key_type, blob, None, path, -1))
-
-    def check_paramiko_key(self, name: str, key: paramiko.PKey) -> None:
-        self.check(name, key.get_name(), key.asbytes())
-
-    def as_policy(self) -> paramiko.MissingHostKeyPolicy:
-        """For code that uses ``paramiko.SSHClient`` with no host keys loaded: every key comes here."""
-        import paramiko
-
-        checker = self
-
-        class _Policy(paramiko.MissingHostKeyPolicy):
-            def missing_host_key(self, client: Any, hostname: str, key: paramiko.PKey) -> None:
-                # SSHClient already gives the ``[host]:port`` form for non-22 ports.
-                checker.check_paramiko_key(hostname, key)
-
-        return _Policy()

@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import os
 import secrets
-import shlex
 import shutil
 import signal
 import socket
@@ -14,36 +13,16 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from hpclaunch.errors import CommandError, CommandTimeout, TransportError
 from hpclaunch.transport import relay
-from hpclaunch.transport.base import CommandResult, Forward, PathNotFound, Transport
-
-
-def check_argv(argv: Sequence[str]) -> list[str]:
-    """Refuse what is not a non-empty list of strings (a bare string would be split per character)."""
-    if isinstance(argv, (str, bytes)):
-        raise TypeError("argv must be a list of strings, not one string")
-    args = list(argv)
-    if not args:
-        raise ValueError("argv is empty")
-    for arg in args:
-        if not isinstance(arg, str):
-            raise TypeError(f"argv items must be str, got {type(arg).__name__}: {arg!r}")
-        if "\0" in arg:
-            raise ValueError(f"argv item contains a NUL byte: {arg!r}")
-    return args
-
-
-def as_bytes(data: str | bytes | None) -> bytes | None:
-    return data.encode("utf-8") if isinstance(data, str) else data
-
-
-def decode(data: bytes) -> str:
-    return data.decode("utf-8", errors="replace")
-
-
-def short_command(argv: Sequence[str]) -> str:
-    """The command for messages, cut so a huge argv does not flood a terminal."""
-    text = shlex.join(argv)
-    return text if len(text) <= 120 else text[:117] + "..."
+from hpclaunch.transport.base import (
+    CommandResult,
+    Forward,
+    PathNotFound,
+    Transport,
+    as_bytes,
+    check_argv,
+    decode,
+    short_command,
+)
 
 
 class LocalTransport(Transport):
@@ -171,14 +150,6 @@ class LocalTransport(Transport):
 
     def exists(self, path: str) -> bool:
         return os.path.lexists(self._path(path))
-
-    def size(self, path: str) -> int | None:
-        try:
-            return os.stat(self._path(path)).st_size
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise self._os_error(path, exc) from exc
 
     def makedirs(self, path: str, *, mode: int = 0o700) -> None:
         target = self._path(path)

@@ -4,9 +4,11 @@ Both transports use it: the local one opens a plain socket upstream, the SSH one
 channel. The listener does not belong to any one SSH connection, so after a reconnect new clients
 simply get channels on the new connection and the local port stays the same.
 
-Design (measured in FACTS.md): one thread per direction with 64 KiB reads; fabric's 1 KiB reads with
-a 1 s ``select`` are ten times slower. Errors that are not ordinary disconnects are recorded and
-re-raised as :class:`~hpclaunch.errors.TunnelError` when the context exits (fabric ``forward_local``).
+Design: one thread per direction with 64 KiB reads. Measured on loopback (200 MB download): a
+paramiko ``direct-tcpip`` forward with 32 KiB reads and a thread per direction moves about 325 MB/s,
+fabric's ``forward_local`` (1 KiB reads, a 1 s ``select``) about 25 MB/s.
+Errors that are not ordinary disconnects are recorded and re-raised as
+:class:`~hpclaunch.errors.TunnelError` when the context exits (fabric ``forward_local``).
 """
 
 from __future__ import annotations

@@ -2,53 +2,45 @@
 
 The connection opens on first use and carries everything: commands (a new ``exec`` channel each),
 files (one SFTP session), and port forwards (``direct-tcpip`` channels). A fresh login costs about
-0.2 s and, with MFA, a human: so it is opened once and reused. TCP_NODELAY takes a command from 44 ms
-to 2.7 ms (FACTS.md).
+0.2 s and, with MFA, a human: so it is opened once and reused. With TCP_NODELAY a command over the
+open connection costs 2.7 ms instead of 44 ms (Nagle + delayed ACK, measured on loopback).
 
-``~/.ssh/config`` is honoured through ``paramiko.SSHConfig``: HostName, User, Port, IdentityFile,
-IdentitiesOnly, ProxyJump (each hop resolved through the same config), ProxyCommand,
-UserKnownHostsFile, GlobalKnownHostsFile, HostKeyAlias, HashKnownHosts, StrictHostKeyChecking
-(``accept-new`` opts in), ServerAliveInterval and ConnectTimeout.
+Where to connect and as whom comes from :mod:`~hpclaunch.transport.hostsettings` (one record per hop);
+logging in from :mod:`~hpclaunch.transport.sshauth`; host keys from :mod:`~hpclaunch.transport.hostkeys`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import getpass
 import logging
 import os
 import re
 import secrets
 import select
 import shlex
-import socket
-import sys
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from hpclaunch.errors import (
-    CommandError,
-    CommandTimeout,
-    ConfigError,
-    ConnectionFailed,
-    HostKeyError,
-    HpclaunchWarning,
-    TransportError,
+from hpclaunch.errors import CommandError, CommandTimeout, ConnectionFailed, TransportError
+from hpclaunch.transport import relay, sftpio
+from hpclaunch.transport.base import (
+    CommandResult,
+    Forward,
+    PathNotFound,
+    Transport,
+    as_bytes,
+    check_argv,
+    decode,
+    reason,
+    short_command,
 )
-from hpclaunch.transport import relay
-from hpclaunch.transport.base import CommandResult, Forward, PathNotFound, Transport
-from hpclaunch.transport.hostkeys import (
-    DEFAULT_SYSTEM_FILES,
-    DEFAULT_USER_FILES,
-    HostKeyChecker,
-    accept_new_from_env,
-    host_key_name,
-)
-from hpclaunch.transport.local import as_bytes, check_argv, decode, short_command
+from hpclaunch.transport.hostkeys import accept_new_from_env
+from hpclaunch.transport.hostsettings import Resolver
+from hpclaunch.transport.sshauth import Authenticator, Prompter
+from hpclaunch.transport.sshlogin import Connection, Dialer
 
 if TYPE_CHECKING:
     import paramiko
@@ -60,244 +52,7 @@ logging.getLogger("paramiko").addHandler(logging.NullHandler())
 
 T = TypeVar("T")
 
-#: Answers keyboard-interactive prompts: ``(title, instructions, [(prompt, echo), ...]) -> answers``.
-Prompter = Callable[[str, str, Sequence[tuple[str, bool]]], Sequence[str]]
-
-DEFAULT_CONFIG = "~/.ssh/config"
-SYSTEM_CONFIG = "/etc/ssh/ssh_config"
-DEFAULT_KEEPALIVE = 30
-DEFAULT_CONNECT_TIMEOUT = 15.0
-#: Tried, like OpenSSH, only when no IdentityFile is configured at all.
-DEFAULT_IDENTITY_FILES = ("~/.ssh/id_rsa", "~/.ssh/id_ecdsa", "~/.ssh/id_ed25519")
-MAX_HOPS = 8
-#: A human typing a one-time code needs longer than paramiko's 30 s auth timeout.
-INTERACTIVE_AUTH_TIMEOUT = 300.0
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
-
-
-# -- settings ----------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class HostSettings:
-    """Everything needed to reach one host, after ``~/.ssh/config`` and explicit overrides."""
-
-    alias: str
-    hostname: str
-    port: int
-    user: str
-    identity_files: tuple[str, ...]
-    identities_only: bool = False
-    #: Jump hosts as written (``[user@]host[:port]``), outermost first.
-    proxy_jump: tuple[str, ...] = ()
-    proxy_command: str | None = None
-    user_known_hosts: tuple[str, ...] = DEFAULT_USER_FILES
-    global_known_hosts: tuple[str, ...] = DEFAULT_SYSTEM_FILES
-    host_key_alias: str | None = None
-    hash_known_hosts: bool = False
-    accept_new_in_config: bool = False
-    keepalive: int = DEFAULT_KEEPALIVE
-    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
-
-    @property
-    def target(self) -> str:
-        """``user@host[:port]`` for messages."""
-        port = "" if self.port == 22 else f":{self.port}"
-        return f"{self.user}@{self.hostname}{port}"
-
-    @property
-    def host_key_name(self) -> str:
-        return host_key_name(self.host_key_alias or self.hostname, self.port)
-
-
-def load_ssh_config(path: str | None = None) -> paramiko.SSHConfig:
-    """The given config file, or ``~/.ssh/config`` then ``/etc/ssh/ssh_config`` like OpenSSH.
-
-    The first value found wins, so parsing the user file first gives it priority.
-    """
-    import paramiko
-
-    config = paramiko.SSHConfig()
-    if path is not None:
-        expanded = os.path.expanduser(path)
-        try:
-            with open(expanded, encoding="utf-8") as fh:
-                config.parse(fh)
-        except OSError as exc:
-            raise ConfigError(f"cannot read ssh config {path}: {exc.strerror or exc}") from exc
-        except Exception as exc:
-            raise ConfigError(f"cannot parse ssh config {path}: {exc}") from exc
-        return config
-    for candidate, required in ((DEFAULT_CONFIG, True), (SYSTEM_CONFIG, False)):
-        expanded = os.path.expanduser(candidate)
-        if not os.path.isfile(expanded):
-            continue
-        try:
-            with open(expanded, encoding="utf-8") as fh:
-                config.parse(fh)
-        except Exception as exc:
-            if required:
-                raise ConfigError(f"cannot parse ssh config {candidate}: {exc}") from exc
-            log.debug("ignoring unreadable %s: %s", candidate, exc)
-    return config
-
-
-def _as_int(value: str | None, default: int, key: str) -> int:
-    if value is None:
-        return default
-    try:
-        return int(value)
-    except ValueError:
-        raise ConfigError(f"ssh config: {key} must be a number, not {value!r}") from None
-
-
-def _yes(value: str | None) -> bool:
-    return (value or "").strip().lower() in ("yes", "true", "on")
-
-
-def _paths(value: str | None, default: Sequence[str]) -> tuple[str, ...]:
-    if value is None:
-        return tuple(default)
-    if value.strip().lower() == "none":
-        return ()
-    return tuple(shlex.split(value))
-
-
-def resolve(
-    host: str,
-    config: paramiko.SSHConfig,
-    *,
-    user: str | None = None,
-    port: int | None = None,
-    identity_files: Sequence[str] = (),
-    connect_timeout: float | None = None,
-    keepalive: int | None = None,
-) -> HostSettings:
-    """Apply ``config`` to ``host`` (an alias or a host name); explicit arguments win over it."""
-    opts = config.lookup(host)
-    jumps = opts.get("proxyjump")
-    command = opts.get("proxycommand")
-    configured = list(opts.get("identityfile", []))
-    # OpenSSH: -i files come before the config's; the defaults only when nothing is configured.
-    files = [*identity_files, *configured] or list(DEFAULT_IDENTITY_FILES)
-    timeout = connect_timeout
-    if timeout is None:
-        timeout = float(_as_int(opts.get("connecttimeout"), int(DEFAULT_CONNECT_TIMEOUT), "ConnectTimeout"))
-    strict = (opts.get("stricthostkeychecking") or "").strip().lower()
-    return HostSettings(
-        alias=host,
-        hostname=opts.get("hostname", host),
-        port=port or _as_int(opts.get("port"), 22, "Port"),
-        user=user or opts.get("user") or getpass.getuser(),
-        identity_files=tuple(os.path.expanduser(f) for f in files),
-        identities_only=_yes(opts.get("identitiesonly")),
-        proxy_jump=() if not jumps or jumps.lower() == "none" else tuple(j.strip() for j in jumps.split(",")),
-        proxy_command=None if not command or command.lower() == "none" else command,
-        user_known_hosts=_paths(opts.get("userknownhostsfile"), DEFAULT_USER_FILES),
-        global_known_hosts=_paths(opts.get("globalknownhostsfile"), DEFAULT_SYSTEM_FILES),
-        host_key_alias=opts.get("hostkeyalias"),
-        hash_known_hosts=_yes(opts.get("hashknownhosts")),
-        # Whoever wrote accept-new (or no) for OpenSSH has opted in; a changed key is refused anyway.
-        accept_new_in_config=strict in ("accept-new", "no", "off"),
-        keepalive=keepalive
-        if keepalive is not None
-        else _as_int(opts.get("serveraliveinterval"), DEFAULT_KEEPALIVE, "ServerAliveInterval"),
-        connect_timeout=timeout,
-    )
-
-
-def parse_hop(spec: str) -> tuple[str | None, str, int | None]:
-    """``[ssh://][user@]host[:port]`` (host may be ``[v6]``) -> (user, host, port)."""
-    rest = spec.removeprefix("ssh://")
-    user = None
-    if "@" in rest:
-        user, rest = rest.rsplit("@", 1)
-    port: int | None = None
-    if rest.startswith("["):
-        host, _, tail = rest[1:].partition("]")
-        if tail.startswith(":"):
-            port = int(tail[1:])
-    elif rest.count(":") == 1:
-        host, port_text = rest.split(":")
-        port = int(port_text)
-    else:
-        host = rest
-    if not host:
-        raise ConfigError(f"ssh config: cannot read ProxyJump host {spec!r}")
-    return user, host, port
-
-
-# -- prompting ---------------------------------------------------------------------------------------
-
-
-def terminal_prompter(title: str, instructions: str, prompts: Sequence[tuple[str, bool]]) -> Sequence[str]:
-    """Ask on the terminal: hidden input for secrets (``getpass``), visible for the rest."""
-    if not prompts:
-        return []
-    if not sys.stdin or not sys.stdin.isatty():
-        raise ConnectionFailed(
-            "the server asks for keyboard-interactive input (a password or one-time code) "
-            "and there is no terminal to ask on",
-            hint="run the command once from a terminal, or use a key the server accepts on its own",
-        )
-    for text in (title, instructions):
-        if text and text.strip():
-            print(text.strip(), file=sys.stderr)
-    answers = []
-    for prompt, echo in prompts:
-        if echo:
-            sys.stderr.write(prompt)
-            sys.stderr.flush()
-            answers.append(sys.stdin.readline().rstrip("\n"))
-        else:
-            answers.append(getpass.getpass(prompt))
-    return answers
-
-
-# -- the connection ----------------------------------------------------------------------------------
-
-
-class _Connection:
-    """The authenticated paramiko transports of one login: jump hosts first, the target last."""
-
-    def __init__(self, transports: list[paramiko.Transport]) -> None:
-        self.transports = transports
-        self.sftp: paramiko.SFTPClient | None = None
-        self.home: str | None = None
-
-    @property
-    def target(self) -> paramiko.Transport:
-        return self.transports[-1]
-
-    def alive(self) -> bool:
-        return all(t.is_active() for t in self.transports)
-
-    def close(self) -> None:
-        if self.sftp is not None:
-            with contextlib.suppress(Exception):
-                self.sftp.close()
-        for transport in reversed(self.transports):
-            with contextlib.suppress(Exception):
-                transport.close()
-
-
-def _warn_if_exposed(path: str) -> None:
-    """OpenSSH refuses a private key file that others can read; we use it, but say how to fix it."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return
-    if mode & 0o066:
-        how = "readable" if mode & 0o044 else "writable"
-        warnings.warn(
-            f"SSH key {path} is {how} by other users; run: chmod 600 {path}", HpclaunchWarning, stacklevel=2
-        )
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror.lower()
-    return str(exc) or type(exc).__name__
 
 
 class SSHTransport(Transport):
@@ -320,39 +75,45 @@ class SSHTransport(Transport):
         prompter: Prompter | None = None,
         allow_agent: bool = True,
         proxy_jump: str | None = None,
+        openssh_config: bool | None = None,
     ) -> None:
+        """``openssh_config``: evaluate the ssh config with ``ssh -G`` (None: where installed)."""
         super().__init__()
-        self._config = load_ssh_config(ssh_config_path)
-        self._config_name = ssh_config_path or DEFAULT_CONFIG
         if isinstance(identity_file, str):
             identity_file = [identity_file]
-        self._extra_identities = tuple(os.path.expanduser(p) for p in identity_file or ())
-        self._connect_timeout = connect_timeout
-        self._keepalive = keepalive
-        self.settings = resolve(
-            host,
-            self._config,
-            user=user,
-            port=port,
-            identity_files=self._extra_identities,
+        self.resolver = Resolver(
+            ssh_config_path,
+            identity_files=[os.path.expanduser(p) for p in identity_file or ()],
             connect_timeout=connect_timeout,
             keepalive=keepalive,
+            openssh=openssh_config,
         )
+        self._config_name = self.resolver.config_name
+        self.settings = self.resolver.host(host, user=user, port=port)
         if proxy_jump:  # like `ssh -J`: wins over the config's ProxyJump for this host
             self.settings = replace(self.settings, proxy_jump=(proxy_jump,), proxy_command=None)
-        self._accept_new = accept_new_host_key or accept_new_from_env()
-        self._known_hosts_file = known_hosts_file
-        self._prompter: Prompter = prompter or terminal_prompter
-        self._allow_agent = allow_agent
+        #: Logs in on each hop (keys, agent, keyboard-interactive through ``prompter``).
+        self.auth = Authenticator(prompter, allow_agent=allow_agent, config_name=self._config_name)
+        self._dialer = Dialer(
+            self.resolver,
+            self.auth,
+            accept_new_host_key=accept_new_host_key or accept_new_from_env(),
+            known_hosts_file=known_hosts_file,
+            on_handshake=self._count_handshake,
+        )
         # One lock guards opening, replacing and closing the connection; SFTP has its own because
         # paramiko's SFTPClient is not safe for concurrent requests.
         self._lock = threading.RLock()
         self._sftp_lock = threading.RLock()
-        self._conn: _Connection | None = None
+        self._conn: Connection | None = None
         #: How many times a broken connection was replaced (by ``reconnect`` or transparently).
         self.reconnects = 0
         # A connection was lost and not yet replaced (a login may fail a few times in between).
         self._lost = False
+
+    def _count_handshake(self) -> None:
+        with self._count_lock:
+            self.connections_opened += 1
 
     @property
     def description(self) -> str:
@@ -389,7 +150,7 @@ class SSHTransport(Transport):
         if conn is not None:
             conn.close()
 
-    def _ensure(self) -> _Connection:
+    def _ensure(self) -> Connection:
         """The live connection; opened on first use, replaced when it has died."""
         conn = self._conn
         if conn is not None and conn.alive():
@@ -406,7 +167,7 @@ class SSHTransport(Transport):
                 log.info("reconnected to %s", self.description)
             return self._conn
 
-    def _retire(self, conn: _Connection) -> bool:
+    def _retire(self, conn: Connection) -> bool:
         """Forget ``conn`` if it is dead; True when a retry on a new connection makes sense."""
         if conn.alive():
             return False
@@ -416,312 +177,12 @@ class SSHTransport(Transport):
                 self._lost = True
         return True
 
-    def _open(self) -> _Connection:
-        chain: list[paramiko.Transport] = []
-        try:
-            self._dial(self.settings, chain, depth=0)
-        except BaseException:
-            for transport in reversed(chain):
-                with contextlib.suppress(Exception):
-                    transport.close()
-            raise
-        return _Connection(chain)
-
-    def _hop_settings(self, spec: str, previous: tuple[str, ...]) -> HostSettings:
-        try:
-            user, host, port = parse_hop(spec)
-        except ValueError:
-            raise ConfigError(f"ssh config: cannot read ProxyJump host {spec!r}") from None
-        settings = resolve(
-            host,
-            self._config,
-            user=user,
-            port=port,
-            identity_files=self._extra_identities,
-            connect_timeout=self._connect_timeout,
-            keepalive=self._keepalive,
-        )
-        # "ProxyJump a,b": b is reached through a, whatever b's own config says.
-        return replace(settings, proxy_jump=previous) if previous else settings
-
-    def _dial(self, s: HostSettings, chain: list[paramiko.Transport], depth: int) -> paramiko.Transport:
-        """Log in to ``s`` (through its jump hosts first); append each transport to ``chain``."""
-        import paramiko
-
-        if depth > MAX_HOPS:
-            raise ConnectionFailed(
-                f"cannot connect to {self.description}: more than {MAX_HOPS} ProxyJump hops",
-                hint=f"a ProxyJump loop in {self._config_name}? (use patterns like `Host * !bastion`)",
-            )
-        sock: Any
-        via = ""
-        if s.proxy_jump:
-            jump = self._hop_settings(s.proxy_jump[-1], s.proxy_jump[:-1])
-            jump_transport = self._dial(jump, chain, depth + 1)
-            via = f" via jump host {jump.target}"
-            try:
-                sock = jump_transport.open_channel(
-                    "direct-tcpip", (s.hostname, s.port), ("127.0.0.1", 0), timeout=s.connect_timeout
-                )
-            except paramiko.ChannelException as exc:
-                raise ConnectionFailed(
-                    f"cannot connect to {s.target}{via}: the jump host could not reach it ({exc.text})",
-                    hint=f"check HostName/Port of {s.alias} in {self._config_name}",
-                ) from None
-            except (paramiko.SSHException, EOFError, OSError) as exc:
-                raise ConnectionFailed(
-                    f"cannot connect to {s.target}{via}: {_reason(exc)}",
-                ) from None
-        elif s.proxy_command:
-            via = " via ProxyCommand"
-            try:
-                sock = paramiko.ProxyCommand(s.proxy_command)
-            except (paramiko.SSHException, OSError) as exc:
-                raise ConnectionFailed(
-                    f"cannot connect to {s.target}: ProxyCommand failed to start: {_reason(exc)}",
-                    hint=f"check ProxyCommand of {s.alias} in {self._config_name}",
-                ) from None
-        else:
-            sock = self._tcp_connect(s)
-        transport = self._handshake(s, sock, via)
-        chain.append(transport)
-        return transport
-
-    def _tcp_connect(self, s: HostSettings) -> socket.socket:
-        where = f"cannot connect to {s.target}"
-        check = f"check HostName/Port of {s.alias} in {self._config_name}"
-        try:
-            sock = socket.create_connection((s.hostname, s.port), timeout=s.connect_timeout)
-        except socket.gaierror as exc:
-            raise ConnectionFailed(
-                f"{where}: cannot resolve host name {s.hostname!r} ({_reason(exc)})",
-                hint=f"check HostName of {s.alias} in {self._config_name}, and your network/VPN",
-            ) from None
-        except ConnectionRefusedError:
-            raise ConnectionFailed(f"{where}: connection refused", hint=f"is sshd running? {check}") from None
-        except TimeoutError:
-            raise ConnectionFailed(
-                f"{where}: no answer within {s.connect_timeout:g} s",
-                hint=f"is the host reachable (VPN, firewall)? {check}",
-            ) from None
-        except OSError as exc:
-            raise ConnectionFailed(f"{where}: {_reason(exc)}", hint=check) from None
-        # Nagle + delayed ACK cost ~40 ms per command (FACTS.md); keepalive notices dead links.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        return sock
-
-    def _checker(self, s: HostSettings) -> HostKeyChecker:
-        user_files = (self._known_hosts_file,) if self._known_hosts_file else s.user_known_hosts
-        return HostKeyChecker(
-            user_files,
-            s.global_known_hosts,
-            accept_new=self._accept_new or s.accept_new_in_config,
-            hash_new_entries=s.hash_known_hosts,
-        )
-
-    def _handshake(self, s: HostSettings, sock: Any, via: str) -> paramiko.Transport:
-        import paramiko
-
-        transport = paramiko.Transport(sock)
-        try:
-            transport.banner_timeout = s.connect_timeout
-            transport.handshake_timeout = s.connect_timeout
-            checker = self._checker(s)
-            options = transport.get_security_options()
-            options.key_types = checker.preferred_key_types(s.host_key_name, options.key_types)
-            try:
-                transport.start_client(timeout=s.connect_timeout)
-                # start_client returns quietly on timeout; this raises if the handshake is not done.
-                key = transport.get_remote_server_key()
-            except (paramiko.SSHException, EOFError, OSError) as exc:
-                raise ConnectionFailed(
-                    f"cannot connect to {s.target}{via}: the SSH handshake failed ({_reason(exc)})",
-                    hint=f"is it an SSH server? check HostName/Port of {s.alias} in {self._config_name}",
-                ) from None
-            with self._count_lock:
-                self.connections_opened += 1
-            checker.check(s.host_key_name, key.get_name(), key.asbytes())
-            self._authenticate(transport, s, via)
-            if s.keepalive > 0:
-                transport.set_keepalive(s.keepalive)
-        except BaseException:
-            transport.close()
-            raise
-        return transport
-
-    # -- authentication ---------------------------------------------------------------------------
-
-    def _authenticate(self, transport: paramiko.Transport, s: HostSettings, via: str) -> None:
-        import paramiko
-
-        where = f"cannot log in to {s.target}{via}"
-        try:
-            transport.auth_none(s.user)
-            return  # the server wants nothing more (rare, but then we are done)
-        except paramiko.BadAuthenticationType as exc:
-            allowed = list(exc.allowed_types)
-        except paramiko.AuthenticationException:
-            allowed = ["publickey", "keyboard-interactive", "password"]
-        except (paramiko.SSHException, EOFError, OSError) as exc:
-            raise ConnectionFailed(f"{where}: the connection closed during login ({_reason(exc)})") from None
-
-        problems: list[str] = []
-        try:
-            if "publickey" in allowed:
-                next_methods = self._auth_publickey(transport, s, problems)
-                if transport.is_authenticated():
-                    return
-                if next_methods:
-                    allowed = next_methods  # partial success: the key was step one (MFA)
-            else:
-                problems.append(f"the server does not accept SSH keys (it allows: {', '.join(allowed)})")
-            for method in ("keyboard-interactive", "password"):
-                if method in allowed and not transport.is_authenticated():
-                    allowed = self._auth_prompted(transport, s, method, problems) or allowed
-            if transport.is_authenticated():
-                return
-        except HostKeyError:
-            raise
-        except ConnectionFailed as exc:
-            # The prompter's own error (no terminal) says it best, with what else failed.
-            raise ConnectionFailed(f"{where}: {'; '.join([*problems, exc.message])}", hint=exc.hint) from None
-        except (paramiko.SSHException, EOFError, OSError) as exc:
-            raise ConnectionFailed(f"{where}: the connection closed during login ({_reason(exc)})") from None
-        raise ConnectionFailed(
-            f"{where}: {'; '.join(problems) or 'the server refused every method we tried'}",
-            hint=f"is your public key in ~/.ssh/authorized_keys on the cluster? "
-            f"check User and IdentityFile of {s.alias} in {self._config_name}",
-        )
-
-    def _agent_keys(self) -> list[paramiko.PKey]:
-        import paramiko
-
-        if not self._allow_agent or not os.environ.get("SSH_AUTH_SOCK"):
-            return []
-        try:
-            return list(paramiko.Agent().get_keys())
-        except (paramiko.SSHException, OSError) as exc:
-            log.debug("ssh-agent unavailable: %s", exc)
-            return []
-
-    @staticmethod
-    def _public_blob(path: str) -> bytes | None:
-        """The public key next to a private key file (``.pub``), to match it with agent keys."""
-        import base64
-        import binascii
-
-        try:
-            with open(path + ".pub", encoding="utf-8") as fh:
-                fields = fh.read().split()
-            return base64.b64decode(fields[1], validate=True) if len(fields) >= 2 else None
-        except (OSError, binascii.Error, ValueError):
-            return None
-
-    def _auth_publickey(
-        self, transport: paramiko.Transport, s: HostSettings, problems: list[str]
-    ) -> list[str] | None:
-        """Offer agent keys, then key files; None when no key worked, else the next methods."""
-        import paramiko
-
-        files = [f for f in s.identity_files if os.path.exists(f)]
-        missing = [f for f in s.identity_files if not os.path.exists(f)]
-        file_blobs = {f: self._public_blob(f) for f in files}
-        agent_keys = self._agent_keys()
-        if s.identities_only:
-            wanted = {b for b in file_blobs.values() if b is not None}
-            agent_keys = [k for k in agent_keys if k.asbytes() in wanted]
-        tried_blobs: set[bytes] = set()
-        offered: list[str] = []
-
-        def offer(key: paramiko.PKey, label: str) -> list[str] | None:
-            tried_blobs.add(key.asbytes())
-            offered.append(label)
-            try:
-                return list(transport.auth_publickey(s.user, key))
-            except paramiko.BadAuthenticationType:
-                return None
-            except paramiko.AuthenticationException:
-                return None
-
-        for key in agent_keys:
-            result = offer(key, f"agent key {key.get_name()}")
-            if transport.is_authenticated() or result:
-                return result
-        for path in files:
-            blob = file_blobs[path]
-            if blob is not None and blob in tried_blobs:
-                continue  # the agent already offered this one
-            _warn_if_exposed(path)
-            try:
-                key = paramiko.PKey.from_path(path)
-            except (paramiko.PasswordRequiredException, TypeError) as exc:
-                # cryptography raises TypeError for "encrypted but no password given".
-                if isinstance(exc, TypeError) and "encrypted" not in str(exc) and "password" not in str(exc):
-                    problems.append(f"cannot load key {path}: {exc}")
-                    continue
-                problems.append(
-                    f"key {path} is protected by a passphrase and ssh-agent does not hold it "
-                    f"(run `ssh-add {path}` first)"
-                )
-                continue
-            except (paramiko.SSHException, ValueError, OSError) as exc:
-                problems.append(f"cannot load key {path}: {_reason(exc)}")
-                continue
-            if key.asbytes() in tried_blobs:
-                continue
-            result = offer(key, path)
-            if transport.is_authenticated() or result:
-                return result
-        if offered:
-            problems.insert(0, f"the server refused every key offered ({', '.join(offered)})")
-        elif not any("passphrase" in p for p in problems):
-            places = ", ".join(missing) if missing else "none configured"
-            problems.insert(0, f"no SSH key to offer (no ssh-agent keys; key files: {places})")
-        return None
-
-    def _auth_prompted(
-        self, transport: paramiko.Transport, s: HostSettings, method: str, problems: list[str]
-    ) -> list[str] | None:
-        """keyboard-interactive or password through the prompter, once per login."""
-        import paramiko
-
-        failure: list[BaseException] = []
-
-        def handler(title: str, instructions: str, prompts: Sequence[tuple[str, bool]]) -> list[str]:
-            # Runs in paramiko's thread: keep our exception to re-raise it here, not in there.
-            if failure:
-                return ["" for _ in prompts]
-            try:
-                return list(self._prompter(title, instructions, list(prompts)))
-            except BaseException as exc:
-                failure.append(exc)
-                return ["" for _ in prompts]
-
-        saved_timeout = transport.auth_timeout
-        transport.auth_timeout = INTERACTIVE_AUTH_TIMEOUT
-        try:
-            if method == "keyboard-interactive":
-                result = transport.auth_interactive(s.user, handler)
-            else:
-                answers = handler("", "", [(f"{s.user}@{s.hostname}'s password: ", False)])
-                if failure:
-                    raise failure[0]
-                result = transport.auth_password(s.user, answers[0], fallback=False)
-        except paramiko.AuthenticationException:
-            if failure:
-                raise failure[0] from None
-            problems.append(f"{method} login was refused")
-            return None
-        finally:
-            transport.auth_timeout = saved_timeout
-        if failure:
-            raise failure[0]
-        return list(result)
+    def _open(self) -> Connection:
+        return self._dialer.open(self.settings)
 
     # -- commands ---------------------------------------------------------------------------------
 
-    def _session(self) -> tuple[_Connection, paramiko.Channel]:
+    def _session(self) -> tuple[Connection, paramiko.Channel]:
         """A new session channel; when the connection turns out dead, log in again once."""
         import paramiko
 
@@ -733,7 +194,7 @@ class SSHTransport(Transport):
                 if attempt == 0 and self._retire(conn):
                     continue
                 raise TransportError(
-                    f"cannot open a session on {self.description}: {_reason(exc)}",
+                    f"cannot open a session on {self.description}: {reason(exc)}",
                     hint="the server may limit sessions per connection (MaxSessions)",
                 ) from None
         raise AssertionError("unreachable")
@@ -767,7 +228,7 @@ class SSHTransport(Transport):
 
     def _exec(
         self,
-        conn: _Connection,
+        conn: Connection,
         chan: paramiko.Channel,
         args: list[str],
         command: str,
@@ -782,7 +243,7 @@ class SSHTransport(Transport):
             chan.exec_command(command)
         except (paramiko.SSHException, EOFError, OSError) as exc:
             raise TransportError(
-                f"cannot start `{short_command(args)}` on {self.description}: {_reason(exc)}"
+                f"cannot start `{short_command(args)}` on {self.description}: {reason(exc)}"
             ) from None
         writer: threading.Thread | None = None
         if data:
@@ -860,7 +321,7 @@ class SSHTransport(Transport):
 
     # -- files ------------------------------------------------------------------------------------
 
-    def _sftp(self, conn: _Connection) -> paramiko.SFTPClient:
+    def _sftp(self, conn: Connection) -> paramiko.SFTPClient:
         if conn.sftp is None:
             conn.sftp = conn.target.open_sftp_client()
             if conn.sftp is None:
@@ -881,7 +342,7 @@ class SSHTransport(Transport):
             except OSError as exc:
                 if exc.errno is not None:
                     raise TransportError(
-                        f"cannot {what} {path} on {self.description}: {_reason(exc)}"
+                        f"cannot {what} {path} on {self.description}: {reason(exc)}"
                     ) from None
                 failure: BaseException = exc
             except (paramiko.SSHException, EOFError) as exc:
@@ -889,51 +350,8 @@ class SSHTransport(Transport):
             # No errno: a protocol or connection problem. A dead connection earns one retry.
             if attempt == 0 and self._retire(conn):
                 continue
-            raise TransportError(f"cannot {what} {path} on {self.description}: {_reason(failure)}") from None
+            raise TransportError(f"cannot {what} {path} on {self.description}: {reason(failure)}") from None
         raise AssertionError("unreachable")
-
-    @staticmethod
-    def _open_for_write(sftp: paramiko.SFTPClient, path: str, mode: int) -> paramiko.SFTPFile:
-        """Create ``path`` with ``mode`` in the OPEN request itself, so it is never readable by others.
-
-        ``SFTPClient.open`` sends no attributes (the file would start 0644 by the server's umask).
-        """
-        from paramiko.sftp import CMD_HANDLE, CMD_OPEN, SFTP_FLAG_CREATE, SFTP_FLAG_EXCL, SFTP_FLAG_WRITE
-        from paramiko.sftp_attr import SFTPAttributes
-        from paramiko.sftp_file import SFTPFile
-
-        attrs = SFTPAttributes()
-        attrs.st_mode = mode
-        flags = SFTP_FLAG_WRITE | SFTP_FLAG_CREATE | SFTP_FLAG_EXCL
-        kind, msg = sftp._request(CMD_OPEN, path, flags, attrs)  # type: ignore[attr-defined]
-        if kind != CMD_HANDLE:
-            raise OSError(f"unexpected SFTP reply {kind} to open")
-        handle = msg.get_binary()
-        handle_file = SFTPFile(sftp, handle, "wb", -1)
-        handle_file.set_pipelined(True)  # do not wait for each 32 KiB write's reply
-        return handle_file
-
-    def _write_atomic(
-        self, sftp: paramiko.SFTPClient, target: str, mode: int, fill: Callable[[Any], None]
-    ) -> None:
-        tmp = f"{target}.tmp-{secrets.token_hex(6)}"
-        try:
-            with self._open_for_write(sftp, tmp, mode) as fh:
-                fill(fh)
-            sftp.chmod(tmp, mode)  # the server's umask may have cut bits the caller asked for
-            try:
-                sftp.posix_rename(tmp, target)
-            except OSError as exc:
-                if exc.errno is not None:
-                    raise
-                # Server without posix-rename: plain rename refuses to replace, so remove first.
-                with contextlib.suppress(FileNotFoundError):
-                    sftp.remove(target)
-                sftp.rename(tmp, target)
-        except BaseException:
-            with contextlib.suppress(Exception):
-                sftp.remove(tmp)
-            raise
 
     def read_bytes(self, path: str, *, offset: int = 0, limit: int | None = None) -> bytes:
         target = self.expand(path)
@@ -954,7 +372,7 @@ class SSHTransport(Transport):
     def write_bytes(self, path: str, data: bytes, *, mode: int = 0o600) -> None:
         target = self.expand(path)
         self._files(
-            "write", path, lambda sftp: self._write_atomic(sftp, target, mode, lambda fh: fh.write(data))
+            "write", path, lambda sftp: sftpio.write_atomic(sftp, target, mode, lambda fh: fh.write(data))
         )
 
     def exists(self, path: str) -> bool:
@@ -969,39 +387,10 @@ class SSHTransport(Transport):
 
         return self._files("look at", path, op)
 
-    def size(self, path: str) -> int | None:
-        target = self.expand(path)
-
-        def op(sftp: paramiko.SFTPClient) -> int | None:
-            try:
-                return sftp.stat(target).st_size
-            except FileNotFoundError:
-                return None
-
-        return self._files("look at", path, op)
-
     def makedirs(self, path: str, *, mode: int = 0o700) -> None:
         target = self.expand(path)
 
-        def op(sftp: paramiko.SFTPClient) -> None:
-            missing: list[str] = []
-            current = target.rstrip("/") or "/"
-            while current not in ("", "/", "."):
-                try:
-                    sftp.stat(current)
-                    break
-                except FileNotFoundError:
-                    missing.append(current)
-                    current = os.path.dirname(current)
-            for directory in reversed(missing):
-                try:
-                    sftp.mkdir(directory, mode)
-                except OSError:
-                    # Someone else made it meanwhile: fine; anything else shows on the next stat.
-                    sftp.stat(directory)
-                sftp.chmod(directory, mode)
-
-        self._files("create directory", path, op)
+        self._files("create directory", path, lambda sftp: sftpio.makedirs(sftp, target, mode))
 
     def remove(self, path: str) -> None:
         target = self.expand(path)
@@ -1024,7 +413,7 @@ class SSHTransport(Transport):
         except FileNotFoundError:
             raise PathNotFound(local_path, "this machine") from None
         except OSError as exc:
-            raise TransportError(f"cannot read {local_path}: {_reason(exc)}") from None
+            raise TransportError(f"cannot read {local_path}: {reason(exc)}") from None
         target = self.expand(remote_path)
         with src:
             file_mode = mode if mode is not None else os.fstat(src.fileno()).st_mode & 0o7777
@@ -1034,7 +423,7 @@ class SSHTransport(Transport):
                 while chunk := src.read(relay.CHUNK):
                     fh.write(chunk)
 
-            self._files("write", remote_path, lambda sftp: self._write_atomic(sftp, target, file_mode, fill))
+            self._files("write", remote_path, lambda sftp: sftpio.write_atomic(sftp, target, file_mode, fill))
 
     def get(self, remote_path: str, local_path: str) -> None:
         target = self.expand(remote_path)
@@ -1043,7 +432,7 @@ class SSHTransport(Transport):
             # Our own local file (0600 until complete), so local errors are not blamed on the far side.
             fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
         except OSError as exc:
-            raise TransportError(f"cannot write {local_path} on this machine: {_reason(exc)}") from None
+            raise TransportError(f"cannot write {local_path} on this machine: {reason(exc)}") from None
         try:
             with os.fdopen(fd, "wb") as fh:
 
@@ -1095,6 +484,6 @@ class SSHTransport(Transport):
                 if attempt == 0 and self._retire(conn):
                     continue
                 raise relay.UpstreamUnavailable(
-                    f"cannot open a channel to {host}:{port} on {self.description}: {_reason(exc)}"
+                    f"cannot open a channel to {host}:{port} on {self.description}: {reason(exc)}"
                 ) from None
         raise AssertionError("unreachable")

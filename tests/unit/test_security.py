@@ -20,6 +20,7 @@ from hpclaunch.errors import HpclaunchWarning
 from hpclaunch.job import Job, log_tail
 from hpclaunch.jupyter.token import REDACTED, new_token, redact
 from hpclaunch.transport import ssh as ssh_mod
+from hpclaunch.transport import sshauth
 
 ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = ROOT / "pyproject.toml"
@@ -176,11 +177,11 @@ def test_ssh_key_open_to_others_warns(tmp_path: Path, mode: int, word: str) -> N
     key.write_text("not really a key\n")
     key.chmod(mode)
     with pytest.warns(HpclaunchWarning, match=f"SSH key {key} is {word} by other users; run: chmod 600"):
-        ssh_mod._warn_if_exposed(str(key))
+        sshauth._warn_if_exposed(str(key))
     key.chmod(0o600)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        ssh_mod._warn_if_exposed(str(key))
+        sshauth._warn_if_exposed(str(key))
 
 
 def test_ssh_transport_warns_when_it_loads_an_exposed_key(tmp_path: Path) -> None:
@@ -215,7 +216,7 @@ def test_ssh_transport_warns_when_it_loads_an_exposed_key(tmp_path: Path) -> Non
     server = Refusing()
     problems: list[str] = []
     with pytest.warns(HpclaunchWarning, match=f"SSH key {key} is readable by other users"):
-        transport._auth_publickey(server, transport.settings, problems)  # type: ignore[arg-type]
+        transport.auth.publickey(server, transport.settings, problems)  # type: ignore[arg-type]
     assert server.offered == ["ssh-ed25519"]
 
 

@@ -14,7 +14,7 @@ from hpclaunch.errors import JobNotFound, SlurmError, SlurmUnavailable, Submissi
 from hpclaunch.slurm import parse
 from hpclaunch.slurm.client import RetryPolicy, SlurmClient
 from hpclaunch.states import JobInfo, JobState, Phase
-from hpclaunch.transport.base import CommandResult, Forward, Transport
+from hpclaunch.transport.base import CommandResult, CommandRunner
 
 DATA = Path(__file__).resolve().parent.parent / "data" / "slurm"
 
@@ -345,8 +345,11 @@ def test_transient_errors(message: str) -> None:
 Handler = Callable[[list[str], "str | bytes | None"], "tuple[int, str, str] | CommandResult"]
 
 
-class FakeTransport(Transport):
-    """Answers commands from a handler and records them; never runs anything."""
+class FakeTransport(CommandRunner):
+    """Answers commands from a handler and records them; never runs anything.
+
+    Only the role SlurmClient uses: commands, no files, no forwards.
+    """
 
     def __init__(self, handler: Handler) -> None:
         super().__init__()
@@ -375,37 +378,8 @@ class FakeTransport(Transport):
         assert not check, "SlurmClient decides about failures itself"
         return CommandResult(tuple(argv), code, out, err)
 
-    def read_bytes(self, path: str, *, offset: int = 0, limit: int | None = None) -> bytes:
-        raise NotImplementedError
-
-    def write_bytes(self, path: str, data: bytes, *, mode: int = 0o600) -> None:
-        raise NotImplementedError
-
-    def exists(self, path: str) -> bool:
-        raise NotImplementedError
-
-    def size(self, path: str) -> int | None:
-        raise NotImplementedError
-
-    def makedirs(self, path: str, *, mode: int = 0o700) -> None:
-        raise NotImplementedError
-
-    def remove(self, path: str) -> None:
-        raise NotImplementedError
-
     def home(self) -> str:
         return "/home/alice"
-
-    def put(self, local_path: str, remote_path: str, *, mode: int | None = None) -> None:
-        raise NotImplementedError
-
-    def get(self, remote_path: str, local_path: str) -> None:
-        raise NotImplementedError
-
-    def forward(
-        self, remote_host: str, remote_port: int, *, local_port: int = 0
-    ) -> contextlib.AbstractContextManager[Forward]:
-        raise NotImplementedError
 
 
 class FakeClock:

@@ -178,15 +178,16 @@ def test_preferred_key_types_put_known_first(tmp_path: Path) -> None:
     assert checker.preferred_key_types("unknown", offered) == offered
 
 
-def test_policy_for_sshclient_users_refuses_unknown(tmp_path: Path) -> None:
+def test_a_paramiko_key_of_an_unknown_host_is_refused_and_not_recorded(tmp_path: Path) -> None:
     import paramiko
 
     _, _, path = _keygen(tmp_path, "k")
     key = paramiko.PKey.from_path(path)
-    policy = HostKeyChecker([str(tmp_path / "kh")], []).as_policy()
-    assert not isinstance(policy, paramiko.AutoAddPolicy)
+    known = tmp_path / "kh"
     with pytest.raises(HostKeyError):
-        policy.missing_host_key(paramiko.SSHClient(), "[127.0.0.1]:2222", key)
+        # What the SSH transport does with the key a server presents.
+        HostKeyChecker([str(known)], []).check("[127.0.0.1]:2222", key.get_name(), key.asbytes())
+    assert not known.exists()
 
 
 def test_accept_new_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -201,16 +202,27 @@ def test_accept_new_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
 # -- ssh_config resolution -------------------------------------------------------------------------
 
 
-def _config(text: str) -> object:
-    import paramiko
-
-    return paramiko.SSHConfig.from_text(text)
+_NO_SSH = pytest.mark.skipif(not shutil.which("ssh"), reason="no OpenSSH client")
+EVALUATORS = ["python", pytest.param("openssh", marks=_NO_SSH)]
 
 
-def test_resolve_reads_ssh_config(tmp_path: Path) -> None:
-    from hpclaunch.transport.ssh import resolve
+def _options(tmp_path: Path, text: str, host: str, evaluator: str) -> dict[str, list[str]]:
+    """``host``'s settings from a config ``text``, evaluated by OpenSSH (``ssh -G``) or in Python."""
+    from hpclaunch.transport import sshconfig
 
-    config = _config(
+    config = tmp_path / "ssh_config"
+    config.write_text(text)
+    if evaluator == "openssh":
+        return sshconfig.openssh_options(shutil.which("ssh") or "ssh", host, str(config))
+    return sshconfig.python_options(host, str(config))
+
+
+@pytest.mark.parametrize("evaluator", EVALUATORS)
+def test_resolve_reads_ssh_config(tmp_path: Path, evaluator: str) -> None:
+    from hpclaunch.transport.hostsettings import resolve
+
+    config = _options(
+        tmp_path,
         f"""
 Host hpc
     HostName login.example.org
@@ -227,9 +239,11 @@ Host hpc
     StrictHostKeyChecking accept-new
     ServerAliveInterval 15
     ConnectTimeout 7
-"""
+""",
+        "hpc",
+        evaluator,
     )
-    s = resolve("hpc", config)  # type: ignore[arg-type]
+    s = resolve("hpc", config)
     assert (s.hostname, s.user, s.port) == ("login.example.org", "alice", 2200)
     assert s.identity_files == (f"{tmp_path}/id_a", os.path.expanduser("~/id_b"))
     assert s.identities_only
@@ -241,16 +255,17 @@ Host hpc
     assert (s.keepalive, s.connect_timeout) == (15, 7.0)
     assert s.target == "alice@login.example.org:2200"
     # Explicit arguments win over the config; -i files come first.
-    s2 = resolve("hpc", config, user="bob", port=22, identity_files=["/k"], keepalive=0)  # type: ignore[arg-type]
+    s2 = resolve("hpc", config, user="bob", port=22, identity_files=["/k"], keepalive=0)
     assert (s2.user, s2.port, s2.keepalive) == ("bob", 22, 0)
     assert s2.identity_files[0] == "/k"
     assert s2.target == "bob@login.example.org"
 
 
-def test_resolve_defaults_for_an_unknown_host() -> None:
-    from hpclaunch.transport.ssh import DEFAULT_IDENTITY_FILES, resolve
+@pytest.mark.parametrize("evaluator", EVALUATORS)
+def test_resolve_defaults_for_an_unknown_host(tmp_path: Path, evaluator: str) -> None:
+    from hpclaunch.transport.hostsettings import DEFAULT_IDENTITY_FILES, resolve
 
-    s = resolve("10.1.2.3", _config("Host other\n  User x\n"))  # type: ignore[arg-type]
+    s = resolve("10.1.2.3", _options(tmp_path, "Host other\n  User x\n", "10.1.2.3", evaluator))
     assert (s.hostname, s.port, s.proxy_jump, s.proxy_command) == ("10.1.2.3", 22, (), None)
     assert s.identity_files == tuple(os.path.expanduser(f) for f in DEFAULT_IDENTITY_FILES)
     assert s.keepalive == 30
@@ -259,7 +274,7 @@ def test_resolve_defaults_for_an_unknown_host() -> None:
 
 
 def test_parse_hop() -> None:
-    from hpclaunch.transport.ssh import parse_hop
+    from hpclaunch.transport.hostsettings import parse_hop
 
     assert parse_hop("bastion") == (None, "bastion", None)
     assert parse_hop("u@gate:2022") == ("u", "gate", 2022)

@@ -171,7 +171,9 @@ def test_missing_file(local: LocalTransport, tmp_path: Path) -> None:
         local.read_bytes(missing)
     assert isinstance(info.value, FileNotFoundError)
     assert missing in info.value.one_line()
-    assert local.size(missing) is None
+    assert not local.exists(missing)
+    with pytest.raises(PathNotFound):
+        local.read_bytes(missing, limit=1)
     assert not local.exists(missing)
     local.remove(missing)  # not an error
 
@@ -180,7 +182,7 @@ def test_size_exists_remove(local: LocalTransport, tmp_path: Path) -> None:
     path = str(tmp_path / "f")
     local.write_bytes(path, b"12345")
     assert local.exists(path)
-    assert local.size(path) == 5
+    assert len(local.read_bytes(path)) == 5
     local.remove(path)
     assert not local.exists(path)
 
