@@ -32,7 +32,7 @@ class TrainOptions:
 
 
 #: Modules in ``jobs/`` that the bundled jobs import; staged beside them, not runnable on their own.
-SHARED_MODULES = ("hpctrain.py",)
+SHARED_MODULES = ("hpctrain.py", "hpctrain_data.py", "hpctrain_dist.py", "hpctrain_io.py")
 
 
 def bundled_jobs() -> dict[str, Path]:
@@ -85,6 +85,21 @@ def gpus_per_node(cluster: Cluster, partition: str | None) -> int | None:
     return best
 
 
+def cpus_per_gpu(sinfo_cpus_gres: str) -> int | None:
+    """CPU cores per GPU on the partition's tightest node type, from ``sinfo -h -o "%c %G"`` lines
+    (``64 gpu:a100:4(S:0-1)``): the share of one training process per GPU. None: no GPU nodes."""
+    share: int | None = None
+    for line in sinfo_cpus_gres.splitlines():
+        fields = line.split()
+        if len(fields) < 2 or not fields[0].rstrip("+").isdigit():
+            continue
+        gpus = sum(int(m.group(1)) for m in re.finditer(r"gpu(?::[^:,(]+)?:(\d+)", fields[1]))
+        if gpus:
+            per = max(1, int(fields[0].rstrip("+")) // gpus)
+            share = per if share is None else min(share, per)
+    return share
+
+
 def data_dir_arg(args: Sequence[str]) -> str | None:
     """The value of ``--data-dir`` among the script's arguments, if given."""
     for i, arg in enumerate(args):
@@ -115,6 +130,14 @@ def submit(
                 hint="use more --nodes instead",
             )
         params.setdefault("ntasks_per_node", gpus)  # one process per GPU
+        if "cpus_per_task" not in params and "cpus_per_task" not in cluster.profile.job:
+            # A node's CPUs shared out per GPU; the default of 1 would starve each training process.
+            argv = ["sinfo", "-h", "-o", "%c %G"]
+            partition = params.get("partition") or cluster.profile.job.get("partition")
+            shape = cluster.transport.run([*argv, "-p", partition] if partition else argv, check=False)
+            share = cpus_per_gpu(shape.stdout) if shape.ok else None
+            if share:
+                params["cpus_per_task"] = share
     data = data_dir_arg(script_args)
     if data is not None and not cluster.transport.exists(cluster.transport.expand(data)):
         where = cluster.profile.host or "this machine"

@@ -68,7 +68,7 @@ def run_job(
 
 def metrics_epochs(run_dir: Path) -> list[int]:
     lines = (run_dir / "metrics.csv").read_text().splitlines()
-    assert lines[0] == "epoch,loss,accuracy,images_per_s,elapsed_s"
+    assert lines[0] == "epoch,loss,accuracy,images_per_s,elapsed_s,compile_s"
     return [int(line.split(",")[0]) for line in lines[1:]]
 
 
@@ -197,9 +197,13 @@ def test_help_shows_flags_and_defaults(capsys: pytest.CaptureFixture[str]) -> No
         "--no-channels-last",
         "--requeue-on-signal",
         "--max-requeues",
+        "--cuda-graphs",
+        "--compile-mode",
+        "--no-scale-lr",
     ):
         assert flag in out
-    assert "(default: 128)" in out and "HPCLAUNCH_RUN_DIR" in out
+    assert "(default: 128 on CPU, 1024 on a GPU" in " ".join(out.split()) and "HPCLAUNCH_RUN_DIR" in out
+    assert "{mnist,digits,synthetic}" in out
 
 
 @pytest.mark.parametrize("script", [MNIST, CIFAR], ids=["mnist", "cifar10"])
@@ -218,10 +222,12 @@ def test_missing_data_is_one_line_exit_2(script: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("script", [MNIST, CIFAR], ids=["mnist", "cifar10"])
 def test_dry_run(script: Path, tmp_path: Path) -> None:
-    # Staged as hpclaunch does (the script plus hpctrain.py, nothing else) and started from elsewhere.
+    # Staged as hpclaunch does (the script plus the shared modules, nothing else), started from elsewhere.
     stage = tmp_path / "stage"
     stage.mkdir()
-    for f in (script, JOBS / "hpctrain.py"):
+    from hpclaunch.train import SHARED_MODULES
+
+    for f in (script, *(JOBS / name for name in SHARED_MODULES)):
         shutil.copy(f, stage / f.name)
     args = "--dataset synthetic --limit-train 300 --limit-test 100 --batch-size 32 --dry-run".split()
     proc = run_job(stage / script.name, *args, "--run-dir", tmp_path / "run", cwd=tmp_path)
@@ -381,8 +387,10 @@ def test_dist_env_from_slurm_step(monkeypatch: pytest.MonkeyPatch) -> None:
         world_size=4,
         local_rank=1,
         master_addr="gpu07",
-        master_port=20000 + 123456 % 20000,
+        master_port=hpctrain.slurm_master_port("123456"),
         source="slurm",
+        port_candidates=tuple(hpctrain.slurm_master_port("123456", k) for k in range(4)),
+        token="123456.0",
     )
     # The batch shell has SLURM_PROCID/SLURM_NTASKS too, but runs one process: no srun step, no DDP.
     monkeypatch.delenv("SLURM_STEP_ID")
@@ -400,9 +408,11 @@ def test_dist_env_from_slurm_step(monkeypatch: pytest.MonkeyPatch) -> None:
     assert hpctrain.read_dist_env() == hpctrain.DistEnv(0, 2, 0, "h", 1234, "torchrun")
 
 
-def test_ports_from_job_ids_differ() -> None:
-    assert hpctrain.slurm_master_port("1") != hpctrain.slurm_master_port("2")
-    assert all(20000 <= hpctrain.slurm_master_port(str(j)) < 40000 for j in (0, 19999, 20000, 987654321))
+def test_ports_from_job_ids_differ_and_avoid_the_ephemeral_range() -> None:
+    ports = [hpctrain.slurm_master_port(str(j)) for j in range(1_000_000, 1_000_000 + 20_001)]
+    assert len(set(ports)) == len(ports)  # ids 20,000 apart (and anything closer) never share a port
+    every = [hpctrain.slurm_master_port(str(j), k) for j in (0, 19999, 20000, 987654321) for k in range(4)]
+    assert all(1024 <= p < 32768 for p in every)  # Linux's ephemeral range is 32768-60999
 
 
 def _ddp(args: tuple[str | Path, ...], port: int, world: int = 2) -> list[subprocess.Popen[str]]:
