@@ -872,6 +872,8 @@ def run(task: Task, args: argparse.Namespace) -> int:
     code = Run(task, args, s, tr, prog).loop()
     if code == 0 and env.main:
         log(f"wrote {s.run_dir / FINAL_MODEL} after {prog.epoch} epochs in {clock() - t_start:.1f}s")
+    if code == 0 and s.cuda and env.main:
+        log(f"peak memory {torch.cuda.max_memory_allocated(s.device) // 2**20} MiB")
     if code == 0:
         log(f"rank {env.rank} final-weights-sha256 {weights_sha256(model)}")
     return code

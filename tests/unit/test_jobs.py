@@ -87,14 +87,17 @@ def mnist_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return datagen.write_mnist(tmp_path_factory.mktemp("mnist"), n_train=4000, n_test=1000, gz=True)
 
 
-# Two epochs of LeNet-5 on 4000 synthetic MNIST images: the reference run several tests compare with.
-TRAIN_ARGS = ("--epochs", "2", "--batch-size", "128", "--seed", "3")
+# Two short epochs of LeNet-5 on scikit-learn's real digits (1,437 train, 360 test): the reference run
+# several tests compare with. Real scans, so a broken model or loader shows as lost accuracy.
+TRAIN_ARGS = ("--epochs", "2", "--batch-size", "16", "--seed", "3")
+DIGITS = ("--dataset", "digits")
 
 
 @pytest.fixture(scope="module")
-def trained(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    pytest.importorskip("sklearn")
     run_dir = tmp_path_factory.mktemp("run")
-    proc = run_job(MNIST, "--data-dir", mnist_dir, "--run-dir", run_dir, *TRAIN_ARGS)
+    proc = run_job(MNIST, *DIGITS, "--run-dir", run_dir, *TRAIN_ARGS)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return run_dir, proc.stdout
 
@@ -244,7 +247,7 @@ def test_short_mnist_run_learns_and_writes_results(trained: tuple[Path, str]) ->
     assert re.search(r"^epoch 1/2 loss [\d.]+ test_acc [\d.]+ images/s \d+ elapsed [\d.]+s$", stdout, re.M)
     assert metrics_epochs(run_dir) == [1, 2]
     last = (run_dir / "metrics.csv").read_text().splitlines()[-1].split(",")
-    assert float(last[2]) > 0.9, stdout  # test accuracy
+    assert float(last[2]) > 0.88, stdout  # test accuracy on real digits (0.92 when written)
     assert float(last[3]) > 0 and float(last[4]) > 0
     png = (run_dir / "plot.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
@@ -257,10 +260,8 @@ def test_short_mnist_run_learns_and_writes_results(trained: tuple[Path, str]) ->
     assert not list(run_dir.glob(".*tmp*")), "temporary files left behind"
 
 
-def test_resume_continues_without_redoing_an_epoch(
-    trained: tuple[Path, str], mnist_dir: Path, tmp_path: Path
-) -> None:
-    common = ("--data-dir", mnist_dir, "--run-dir", tmp_path, *TRAIN_ARGS[2:])
+def test_resume_continues_without_redoing_an_epoch(trained: tuple[Path, str], tmp_path: Path) -> None:
+    common = (*DIGITS, "--run-dir", tmp_path, *TRAIN_ARGS[2:])
     first = run_job(MNIST, *common, "--epochs", "1")
     assert first.returncode == 0, first.stdout + first.stderr
     assert metrics_epochs(tmp_path) == [1]
@@ -468,3 +469,5 @@ def test_ddp_signal_to_one_rank_stops_both(tmp_path: Path) -> None:
     assert "preempted at epoch 1, checkpoint written (SIGUSR2)" in outs[0]
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ckpt["world_size"] == 2 and ckpt["epoch"] == 0 and ckpt["step"] % hpctrain.STOP_SYNC_EVERY == 0
+    # Both ranks' RNG states are saved, and they differ (each rank draws its own augmentation).
+    assert len(ckpt["rng"]) == 2 and not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])
