@@ -210,6 +210,9 @@ class LocalScheduler:
         """This machine's GPUs are not scheduled: unknown."""
         return None
 
+    def cpus_per_gpu(self, partition: str | None) -> int | None:
+        return None
+
     def check(
         self, script_text: str, *, sbatch_args: Sequence[str] = (), workdir: str | None = None
     ) -> Preflight:

@@ -78,6 +78,10 @@ class Scheduler(Protocol):
         """Task ids of one array must stay below this; None when there is no known limit."""
         ...
 
+    def cpus_per_gpu(self, partition: str | None) -> int | None:
+        """CPU cores per GPU on the partition's GPU nodes, for one process per GPU; None if unknown."""
+        ...
+
     def gpus_per_node(self, partition: str | None) -> int | None:
         """The most GPUs any node of ``partition`` has; None when it cannot be told."""
         ...

@@ -41,7 +41,7 @@ class TrainOptions:
 
 
 #: Modules in ``jobs/`` that the bundled jobs import; staged beside them, not runnable on their own.
-SHARED_MODULES = ("hpctrain.py",)
+SHARED_MODULES = ("hpctrain.py", "hpctrain_data.py", "hpctrain_dist.py", "hpctrain_io.py")
 
 
 def bundled_jobs() -> dict[str, Path]:
@@ -77,6 +77,19 @@ def default_python(cluster: Submitter) -> str:
     return sys.executable if cluster.capabilities.runs_here else "python3"
 
 
+def train_defaults(cluster: Submitter, chosen: Mapping[str, Any]) -> dict[str, Any]:
+    """One process per GPU, each with its share of the node's CPU cores (the built-in single core
+    would starve it: the launch thread, NCCL's threads and the compiler share it), unless the user
+    chose otherwise."""
+    gpus = int(chosen.get("gpus") or 0)
+    out: dict[str, Any] = {"ntasks_per_node": gpus or 1}
+    if gpus and "cpus_per_task" not in chosen:
+        share = cluster.scheduler.cpus_per_gpu(chosen.get("partition"))
+        if share:
+            out["cpus_per_task"] = share
+    return out
+
+
 def data_dir_arg(args: Sequence[str]) -> str | None:
     """The value of ``--data-dir`` among the script's arguments, if given."""
     for i, arg in enumerate(args):
@@ -99,8 +112,7 @@ def submit(
     job = cluster.resolve_job(
         params,
         default_name=f"hpclaunch-train-{script.stem}",
-        # One process per GPU, unless the user chose the number of tasks.
-        defaults=lambda chosen: {"ntasks_per_node": chosen.get("gpus") or 1},
+        defaults=lambda chosen: train_defaults(cluster, chosen),
     )
     gpus = int(job.get("gpus") or 0)
     if gpus:

@@ -129,7 +129,8 @@ TASK = hpctrain.Task(
     build_optimizer=build_optimizer,
     lr_at=lr_at,
     augment=random_crop_flip,
-    defaults={"epochs": 30, "batch_size": 256, "lr": 0.1},
+    # --lr is for a global batch of 256 and scales linearly with it (SGD, Goyal et al. 2017).
+    defaults={"epochs": 30, "batch_size": 256, "lr": 0.1, "lr_scaling": "linear"},
 )
 
 

@@ -1,16 +1,22 @@
 """Shared machinery of the bundled training jobs (``mnist_lenet5.py``, ``cifar10_resnet.py``).
 
-One module, staged next to the job scripts, so that a job runs anywhere with plain ``python``:
-data files -> tensors (loaded once, normalised once, kept on the GPU when there is one),
-distributed setup (torchrun env, else Slurm via submitit, else one process), the training loop,
-atomic checkpoints with resume, preemption by signal, ``metrics.csv`` and ``plot.png``.
+Staged next to the job scripts together with ``hpctrain_data.py`` (files -> uint8 tensors),
+``hpctrain_dist.py`` (ranks, rendezvous, GPUs, preemption) and ``hpctrain_io.py`` (checkpoint, metrics,
+plot), so that a job runs anywhere with plain ``python``. This module is the run itself: set-up, the
+training step (eager, compiled with a fallback, or one CUDA graph), evaluation and the epoch loop.
+
+Why this file is still ~900 lines: what is left is one concern, the run, in pieces that read on their
+own (``make_parser`` ~170 lines of flags and their help, ``setup``, ``load_data``, ``Trainer`` for the
+step variants and the warm-up, ``evaluate``, ``Run`` for the epoch loop and rank 0's files). Files,
+devices, ranks and checkpoints already live in the three modules above; splitting the run further
+would spread one control flow over files that must be read together.
 
 Contract with the Slurm template (tried on the dev cluster, Slurm 22.05):
   * one process per task with ``srun``; rank, world size, local rank and the master node come from
-    SLURM_* variables through submitit's TorchDistributedEnvironment, the rendezvous port is
-    ``20000 + SLURM_JOB_ID % 20000`` unless MASTER_PORT is set. Only an srun step (SLURM_STEP_ID
-    set) counts: python started straight from the batch shell is one process whatever --ntasks says.
-    torchrun's RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT win when present.
+    SLURM_* variables through submitit's TorchDistributedEnvironment; the rendezvous port comes from
+    the job id (``hpctrain_dist.slurm_master_port``) unless MASTER_PORT is set. Only an srun step
+    (SLURM_STEP_ID set) counts: python started straight from the batch shell is one process whatever
+    --ntasks says. torchrun's RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT win when present.
   * SIGUSR2 (preemption / time-limit warning) or SIGTERM: every rank stops after the current step
     (ranks agree every ``STOP_SYNC_EVERY`` steps), rank 0 writes ``checkpoint.pt`` and all exit
     with ``EXIT_PREEMPTED`` (75). A restart with the same --run-dir continues at that very step.
@@ -25,31 +31,24 @@ Contract with the Slurm template (tried on the dev cluster, Slurm 22.05):
         exit $rc
 
   * the run directory must be the same after a requeue (HPCLAUNCH_RUN_DIR), and ``--open-mode=append``
-    keeps the first attempt's log.
+    keeps the first attempt's log. The compile cache lives there too, so a requeued run starts warm.
 
 metrics.csv has one row per completed epoch: mean train loss, test accuracy, training images/s
-(all ranks), and elapsed_s, the training + evaluation time of the whole run across restarts.
+(all ranks, steady steps only), elapsed_s (training + evaluation time of the whole run across restarts)
+and compile_s (the warm-up of this start: compiling, cuDNN autotuning; counted in no other column).
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
+import contextlib
 import gc
-import gzip
-import hashlib
-import io
 import math
 import os
-import pickle
 import random
 import signal
-import struct
-import subprocess
 import sys
 import time
-import zlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +57,53 @@ from typing import Any, cast
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from hpctrain_data import (  # noqa: F401  (re-exported: the jobs and tests use hpctrain.*)
+    CIFAR10_TEST_FILE,
+    CIFAR10_TRAIN_FILES,
+    DIGITS_FILES,
+    MNIST_FILES,
+    DataError,
+    DeviceData,
+    Split,
+    load_cifar10,
+    load_digits,
+    load_mnist,
+    read_cifar_batch,
+    read_idx,
+    synthetic_split,
+)
+from hpctrain_dist import (  # noqa: F401
+    DistEnv,
+    StopFlag,
+    check_one_gpu_per_rank,
+    gpu_index,
+    init_distributed,
+    pick_device,
+    rank_seed,
+    read_dist_env,
+    requeue,
+    requeue_decision,
+    set_cpu_threads,
+    slurm_master_port,
+)
+from hpctrain_io import (  # noqa: F401
+    CHECKPOINT,
+    FINAL_MODEL,
+    METRIC_FIELDS,
+    METRICS,
+    PLOT,
+    Progress,
+    Writer,
+    all_rng_states,
+    append_metrics,
+    atomic_torch_save,
+    checkpoint_state,
+    indices_sha256,
+    load_checkpoint,
+    weights_sha256,
+    write_metrics,
+    write_plot,
+)
 from torch import nn
 
 #: Exit status after a preemption signal, once the checkpoint is written. 75 is EX_TEMPFAIL of
@@ -67,429 +113,16 @@ EXIT_PREEMPTED = 75
 #: Exit status for bad arguments or missing/malformed data (same as argparse's usage errors).
 EXIT_USAGE = 2
 
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.csv"
-PLOT = "plot.png"
-FINAL_MODEL = "model.pt"
-METRIC_FIELDS = ("epoch", "loss", "accuracy", "images_per_s", "elapsed_s")
-
-#: In a multi-process run the ranks agree on stopping every this many steps: a collective per step
-#: would stall the GPU pipeline, and ranks must take the same decision at the same step.
+#: In a multi-process run the ranks agree on stopping every this many steps (on the CPU group: no GPU
+#: sync), and ranks must take the same decision at the same step.
 STOP_SYNC_EVERY = 16
 
-MNIST_FILES = (
-    "train-images-idx3-ubyte",
-    "train-labels-idx1-ubyte",
-    "t10k-images-idx3-ubyte",
-    "t10k-labels-idx1-ubyte",
-)
-CIFAR10_TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
-CIFAR10_TEST_FILE = "test_batch"
+#: The clock of every timing here (a test replaces it).
+clock = time.perf_counter
 
 
-class DataError(Exception):
-    """Data or checkpoint files missing or malformed; printed as one line, exit status 2."""
-
-
-# ----------------------------------------------------------------------------------------------
-# Data files -> uint8 tensors
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Split:
-    """A whole split in memory: images uint8 (N, C, H, W), labels int64 (N,)."""
-
-    images: torch.Tensor
-    labels: torch.Tensor
-
-    def __len__(self) -> int:
-        return int(self.labels.shape[0])
-
-    def head(self, n: int | None) -> Split:
-        return self if n is None else Split(self.images[:n], self.labels[:n])
-
-
-def _read_maybe_gzip(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        raw = f.read()
-    # Sniff the gzip magic rather than trusting the suffix: mirrors sometimes serve either.
-    if raw[:2] == b"\x1f\x8b":
-        try:
-            return gzip.decompress(raw)
-        except (OSError, EOFError, zlib.error) as e:
-            raise DataError(f"{path}: corrupt gzip file ({e})") from None
-    return raw
-
-
-def read_idx(path: Path) -> torch.Tensor:
-    """Parse an IDX file (raw or gzip) of unsigned bytes, as MNIST ships, into a uint8 tensor."""
-    data = _read_maybe_gzip(path)
-    if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise DataError(f"{path}: not an IDX file (bad magic number)")
-    dtype_code, ndim = data[2], data[3]
-    if dtype_code != 0x08:
-        raise DataError(f"{path}: IDX element type 0x{dtype_code:02x} unsupported (MNIST uses 0x08)")
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise DataError(f"{path}: truncated IDX header")
-    dims = struct.unpack(f">{ndim}I", data[4:header])
-    if len(data) - header != math.prod(dims):
-        raise DataError(f"{path}: IDX size mismatch: header says {dims}, payload {len(data) - header} bytes")
-    return torch.frombuffer(bytearray(data[header:]), dtype=torch.uint8).reshape(dims)
-
-
-def _find(dirs: Sequence[Path], name: str) -> Path | None:
-    for d in dirs:
-        for candidate in (d / name, d / f"{name}.gz"):
-            if candidate.is_file():
-                return candidate
-    return None
-
-
-def _require_dir(data_dir: Path, what: str) -> None:
-    if not data_dir.is_dir():
-        raise DataError(f"data directory {data_dir} does not exist: {what}, or use --dataset synthetic")
-
-
-def load_mnist(data_dir: Path) -> tuple[Split, Split]:
-    """MNIST from the four standard IDX files in data_dir (or data_dir/MNIST/raw, torchvision's layout)."""
-    what = f"put {', '.join(MNIST_FILES)} (raw or .gz) in it (or pass --data-dir DIR)"
-    _require_dir(data_dir, what)
-    dirs = [data_dir, data_dir / "MNIST" / "raw", data_dir / "mnist"]
-    found = {name: _find(dirs, name) for name in MNIST_FILES}
-    missing = [name for name, path in found.items() if path is None]
-    if missing:
-        lead = "no MNIST files" if len(missing) == len(MNIST_FILES) else f"missing {', '.join(missing)}"
-        raise DataError(
-            f"{lead} in {data_dir}: put {', '.join(MNIST_FILES)} (raw or .gz) there "
-            f"(or pass --data-dir DIR), or use --dataset synthetic"
-        )
-    arrays = {name: read_idx(path) for name, path in found.items() if path is not None}
-    splits = []
-    for prefix in ("train", "t10k"):
-        images, labels = arrays[f"{prefix}-images-idx3-ubyte"], arrays[f"{prefix}-labels-idx1-ubyte"]
-        if images.dim() != 3 or labels.dim() != 1 or images.shape[0] != labels.shape[0]:
-            raise DataError(
-                f"MNIST {prefix} files in {data_dir} disagree: images {tuple(images.shape)}, "
-                f"labels {tuple(labels.shape)}"
-            )
-        splits.append(Split(images.unsqueeze(1), labels.long()))
-    return splits[0], splits[1]
-
-
-def read_cifar_batch(path: Path) -> Split:
-    """One CIFAR-10 python batch: a pickled dict with data (N, 3072) uint8 and labels."""
-    try:
-        with open(path, "rb") as f:
-            # The dataset's own format is a pickle; only read files you placed yourself.
-            batch = pickle.load(f, encoding="bytes")  # noqa: S301
-    except (pickle.UnpicklingError, EOFError, ValueError) as e:
-        raise DataError(f"{path}: not a CIFAR-10 python batch ({e})") from None
-    # Files pickled by Python 2 (the official ones) give bytes keys; Python 3 writers give str.
-    batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
-    if "data" not in batch or "labels" not in batch:
-        raise DataError(f"{path}: not a CIFAR-10 python batch (no data/labels keys)")
-    data = torch.as_tensor(batch["data"], dtype=torch.uint8)
-    labels = torch.as_tensor(list(batch["labels"]), dtype=torch.long)
-    if data.dim() != 2 or data.shape[1] != 3 * 32 * 32 or data.shape[0] != labels.shape[0]:
-        raise DataError(f"{path}: unexpected shapes data {tuple(data.shape)}, labels {tuple(labels.shape)}")
-    return Split(data.reshape(-1, 3, 32, 32), labels)
-
-
-def load_cifar10(data_dir: Path) -> tuple[Split, Split]:
-    """CIFAR-10 from data_batch_1..5 and test_batch, in data_dir or data_dir/cifar-10-batches-py."""
-    names = (*CIFAR10_TRAIN_FILES, CIFAR10_TEST_FILE)
-    what = f"put cifar-10-batches-py/ (holding {', '.join(names)}) in it (or pass --data-dir DIR)"
-    _require_dir(data_dir, what)
-    dirs = [data_dir / "cifar-10-batches-py", data_dir]
-    found = {}
-    for name in names:
-        for d in dirs:
-            if (d / name).is_file():
-                found[name] = d / name
-                break
-    missing = [n for n in names if n not in found]
-    if missing:
-        lead = "no CIFAR-10 batches" if len(missing) == len(names) else f"missing {', '.join(missing)}"
-        raise DataError(
-            f"{lead} in {data_dir}: put {', '.join(names)} (python version) in "
-            f"{data_dir / 'cifar-10-batches-py'} (or pass --data-dir DIR), or use --dataset synthetic"
-        )
-    train = [read_cifar_batch(found[n]) for n in CIFAR10_TRAIN_FILES]
-    test = read_cifar_batch(found[CIFAR10_TEST_FILE])
-    return Split(torch.cat([s.images for s in train]), torch.cat([s.labels for s in train])), test
-
-
-def synthetic_split(n: int, shape: tuple[int, int, int], seed: int, classes: int = 10) -> Split:
-    """Learnable fake data for smoke runs: a fixed smooth pattern per class, plus noise.
-
-    The class patterns come from a fixed seed, so every rank and every restart sees the same data.
-    """
-    c, h, w = shape
-    protos = torch.rand(
-        classes, c, max(h // 4, 1), max(w // 4, 1), generator=torch.Generator().manual_seed(0)
-    )
-    protos = F.interpolate(protos, size=(h, w), mode="bilinear", align_corners=False)
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.randint(0, classes, (n,), generator=g)
-    images = torch.empty(n, c, h, w, dtype=torch.uint8)
-    for lo in range(0, n, 8192):  # chunks keep the float temporaries small for 50k x 3072
-        hi = min(lo + 8192, n)
-        gain = 0.6 + 0.4 * torch.rand(hi - lo, 1, 1, 1, generator=g)
-        x = protos[labels[lo:hi]] * gain + 0.25 * torch.randn(hi - lo, c, h, w, generator=g)
-        images[lo:hi] = (x.clamp(0, 1) * 255).round().to(torch.uint8)
-    return Split(images, labels)
-
-
-# ----------------------------------------------------------------------------------------------
-# Distributed environment
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DistEnv:
-    """Where this process sits in the job; source is "torchrun", "slurm" or "single"."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    master_addr: str = "127.0.0.1"
-    master_port: int = 29500
-    source: str = "single"
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def slurm_master_port(job_id: str) -> int:
-    """Rendezvous port from the job id: two jobs sharing a node never pick the same port."""
-    digits = "".join(ch for ch in job_id if ch.isdigit()) or "0"
-    return 20000 + int(digits) % 20000
-
-
-def read_dist_env() -> DistEnv:
-    """torchrun's variables first, then a Slurm step (srun), else a single process.
-
-    In the batch shell itself Slurm sets SLURM_PROCID/SLURM_NTASKS too but runs ONE process, so only
-    a step started by srun (SLURM_STEP_ID set) counts as a multi-process launch.
-    """
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return DistEnv(
-            rank=int(env["RANK"]),
-            world_size=int(env["WORLD_SIZE"]),
-            local_rank=int(env.get("LOCAL_RANK", "0")),
-            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
-            master_port=int(env.get("MASTER_PORT", "29500")),
-            source="torchrun",
-        )
-    if "SLURM_JOB_ID" in env and "SLURM_PROCID" in env and "SLURM_STEP_ID" in env:
-        from submitit.helpers import TorchDistributedEnvironment
-
-        # submitit picks its Slurm environment only when SUBMITIT_EXECUTOR says so (it does for
-        # its own jobs); without MASTER_PORT it would draw a random port from the job id.
-        os.environ.setdefault("SUBMITIT_EXECUTOR", "slurm")
-        os.environ.setdefault("MASTER_PORT", str(slurm_master_port(env["SLURM_JOB_ID"])))
-        tde = TorchDistributedEnvironment()
-        return DistEnv(
-            rank=tde.rank,
-            world_size=tde.world_size,
-            local_rank=tde.local_rank,
-            master_addr=tde.master_addr,
-            master_port=tde.master_port,
-            source="slurm",
-        )
-    return DistEnv()
-
-
-def pick_device(env: DistEnv, want: str) -> torch.device:
-    if want == "cpu" or (want == "auto" and not torch.cuda.is_available()):
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise DataError("--device cuda given but torch sees no CUDA device")
-    # With --gpus-per-task each task sees one GPU (index 0); with a shared list, take ours.
-    device = torch.device("cuda", env.local_rank % torch.cuda.device_count())
-    torch.cuda.set_device(device)
-    return device
-
-
-def set_cpu_threads() -> None:
-    """Respect the CPUs Slurm gave us: torch would otherwise start a thread per core of the node."""
-    if "OMP_NUM_THREADS" in os.environ:
-        return
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    if "SLURM_CPUS_PER_TASK" in os.environ:
-        n = min(n, int(os.environ["SLURM_CPUS_PER_TASK"]))
-    torch.set_num_threads(max(1, n))
-
-
-def init_distributed(env: DistEnv, device: torch.device) -> None:
-    if not env.distributed:
-        return
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(
-        backend,
-        init_method=f"tcp://{env.master_addr}:{env.master_port}",
-        rank=env.rank,
-        world_size=env.world_size,
-        timeout=datetime.timedelta(minutes=10),
-        device_id=device if device.type == "cuda" else None,
-    )
-
-
-# ----------------------------------------------------------------------------------------------
-# Preemption
-# ----------------------------------------------------------------------------------------------
-
-
-class StopFlag:
-    """Set by SIGUSR2/SIGTERM; the loop polls it between steps (handlers must not do real work).
-
-    SIGUSR2 is the preemption / time-limit warning (the only one --requeue-on-signal requeues on);
-    SIGTERM is what Slurm sends on scancel, at the time limit and on preemption without a warning.
-    """
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR2)  # ordered by priority: USR2 wins when both arrive
-
-    def __init__(self) -> None:
-        self.signum: int | None = None  # what this process received
-        self.stop_signum: int | None = None  # what the job agreed to stop on
-
-    def install(self) -> None:
-        for s in self.SIGNALS:
-            signal.signal(s, self._handle)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        if self.signum is None or self.SIGNALS.index(signum) > self.SIGNALS.index(self.signum):
-            self.signum = signum
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.stop_signum).name if self.stop_signum is not None else "none"
-
-    def agreed(self, env: DistEnv, device: torch.device) -> bool:
-        """True on every rank as soon as any rank got a signal (a collective: all ranks must call)."""
-        code = 0 if self.signum is None else 1 + self.SIGNALS.index(self.signum)
-        if env.distributed:
-            flag = torch.tensor([code], device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            code = int(flag.item())
-        self.stop_signum = None if code == 0 else self.SIGNALS[code - 1]
-        return code != 0
-
-
-def requeue_decision(environ: dict[str, str] | os._Environ[str], max_requeues: int) -> tuple[str | None, str]:
-    """(job id to requeue or None, why) for --requeue-on-signal."""
-    job_id = environ.get("SLURM_JOB_ID")
-    if not job_id:
-        return None, "not requeueing: no SLURM_JOB_ID (not a Slurm job)"
-    restarts = int(environ.get("SLURM_RESTART_COUNT", "0") or "0")
-    if restarts >= max_requeues:
-        return (
-            None,
-            f"not requeueing job {job_id}: restart count {restarts} reached --max-requeues {max_requeues}",
-        )
-    return job_id, f"requeueing job {job_id} (restart {restarts + 1} of at most {max_requeues})"
-
-
-def requeue(job_id: str) -> str:
-    try:
-        proc = subprocess.run(
-            ["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60, check=False
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        return f"scontrol requeue {job_id} failed: {e}"
-    if proc.returncode != 0:
-        return f"scontrol requeue {job_id} failed (exit {proc.returncode}): {proc.stderr.strip()}"
-    return f"scontrol requeue {job_id} done"
-
-
-# ----------------------------------------------------------------------------------------------
-# Run directory: checkpoint, metrics, plot
-# ----------------------------------------------------------------------------------------------
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write then rename: a reader (or a restart after a kill) never sees a half-written file."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def write_metrics(path: Path, history: Sequence[dict[str, float]]) -> None:
-    """Rewrite metrics.csv from the history (used at start: after a restart it matches the checkpoint)."""
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=METRIC_FIELDS, lineterminator="\n")
-    writer.writeheader()
-    for row in history:
-        writer.writerow(_metric_row(row))
-    atomic_write_bytes(path, buf.getvalue().encode())
-
-
-def append_metrics(path: Path, row: dict[str, float]) -> None:
-    with open(path, "a", newline="") as f:
-        csv.DictWriter(f, fieldnames=METRIC_FIELDS, lineterminator="\n").writerow(_metric_row(row))
-
-
-def _metric_row(row: dict[str, float]) -> dict[str, str]:
-    return {
-        "epoch": str(int(row["epoch"])),
-        "loss": f"{row['loss']:.6f}",
-        "accuracy": f"{row['accuracy']:.6f}",
-        "images_per_s": f"{row['images_per_s']:.1f}",
-        "elapsed_s": f"{row['elapsed_s']:.3f}",
-    }
-
-
-def write_plot(path: Path, history: Sequence[dict[str, float]], title: str) -> None:
-    """Loss and test accuracy per epoch, headless (Figure + Agg canvas, no pyplot state)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    epochs = [int(r["epoch"]) for r in history]
-    fig = Figure(figsize=(8, 3.2), layout="constrained")
-    FigureCanvasAgg(fig)
-    ax_loss, ax_acc = fig.subplots(1, 2)
-    ax_loss.plot(epochs, [r["loss"] for r in history], marker="o")
-    ax_loss.set(xlabel="epoch", ylabel="train loss", title="loss")
-    ax_acc.plot(epochs, [100 * r["accuracy"] for r in history], marker="o", color="tab:green")
-    ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="accuracy")
-    lo, _ = ax_acc.get_ylim()
-    ax_acc.set_ylim(min(lo, 99.0), 100.5)  # never an axis above 100 %
-    for ax in (ax_loss, ax_acc):
-        ax.grid(alpha=0.3)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-    fig.suptitle(title)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def weights_sha256(model: nn.Module) -> str:
-    """Hash of all parameters in logical order (independent of channels_last memory layout)."""
-    h = hashlib.sha256()
-    for p in model.parameters():
-        h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def indices_sha256(idx: torch.Tensor) -> str:
-    return hashlib.sha256(torch.sort(idx.cpu()).values.numpy().tobytes()).hexdigest()
+def log(msg: str) -> None:
+    print(msg, flush=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -499,7 +132,7 @@ def indices_sha256(idx: torch.Tensor) -> str:
 
 @dataclass
 class Task:
-    """What differs between jobs; everything else lives in run()."""
+    """What differs between jobs; everything else lives here."""
 
     name: str  # dataset name: "mnist" or "cifar10"
     title: str
@@ -514,19 +147,38 @@ class Task:
     ]
     lr_at: Callable[[int, argparse.Namespace], float]  # learning rate of epoch (1-based)
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None
+    #: epochs, batch_size (CPU), gpu_batch_size, lr (at the global batch lr_batch), lr_scaling
     defaults: dict[str, Any] = field(default_factory=dict)
+    #: other datasets with the same shape: name -> loader (MNIST LeNet-5 also trains on "digits")
+    extra_datasets: dict[str, Callable[[Path], tuple[Split, Split]]] = field(default_factory=dict)
+
+
+def scaled_lr(lr: float, global_batch: int, ref_batch: int, rule: str) -> float:
+    """--lr is for a global batch of ref_batch; scale it to this run's (sqrt for Adam, linear for SGD)."""
+    ratio = global_batch / ref_batch
+    if rule == "linear":  # Goyal et al. 2017, SGD
+        return lr * ratio
+    if rule == "sqrt":  # Adam-type optimizers (Malladi et al. 2022; Krizhevsky 2014)
+        return lr * math.sqrt(ratio)
+    return lr
 
 
 def make_parser(task: Task, description: str) -> argparse.ArgumentParser:
     d = {"epochs": 10, "batch_size": 128, "test_batch_size": 1000, "lr": 1e-3, **task.defaults}
+    gpu_batch = d.get("gpu_batch_size", d["batch_size"])
+    rule = d.get("lr_scaling", "none")
     p = argparse.ArgumentParser(
         description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
+    extra = ", ".join(
+        f"{name}: {(fn.__doc__ or '').splitlines()[0]}" for name, fn in task.extra_datasets.items()
+    )
     p.add_argument(
         "--dataset",
-        choices=[task.name, "synthetic"],
+        choices=[task.name, *task.extra_datasets, "synthetic"],
         default=task.name,
-        help="synthetic: generated in memory with the real shapes, for smoke runs without files",
+        help="synthetic: generated in memory with the real shapes, for smoke runs without files"
+        + (f"; {extra}" if extra else ""),
     )
     p.add_argument(
         "--data-dir",
@@ -541,10 +193,30 @@ def make_parser(task: Task, description: str) -> argparse.ArgumentParser:
         help=f"where {CHECKPOINT}, {METRICS}, {PLOT} and {FINAL_MODEL} go (env HPCLAUNCH_RUN_DIR)",
     )
     p.add_argument("--epochs", type=int, default=d["epochs"], help="number of epochs to train")
-    p.add_argument("--batch-size", type=int, default=d["batch_size"], help="training batch size per process")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help=f"training batch size per process (default: {d['batch_size']} on CPU, {gpu_batch} on a GPU, "
+        "where small batches leave it waiting for kernel launches)%(default).0s",
+    )
     p.add_argument("--test-batch-size", type=int, default=d["test_batch_size"], help="evaluation batch size")
-    p.add_argument("--lr", type=float, default=d["lr"], help="learning rate (at epoch 1)")
-    p.add_argument("--seed", type=int, default=1, help="random seed (model init, shuffling)")
+    p.add_argument(
+        "--lr",
+        type=float,
+        default=d["lr"],
+        help=f"learning rate (at epoch 1) for a global batch of {d['batch_size']}; scaled to batch x "
+        f"processes ({rule} rule) unless --no-scale-lr",
+    )
+    p.add_argument(
+        "--scale-lr",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="scale --lr with the global batch (batch size x world size)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=1, help="random seed (model init, shuffling; +rank for augmentation)"
+    )
     p.add_argument(
         "--limit-train",
         type=int,
@@ -571,8 +243,21 @@ def make_parser(task: Task, description: str) -> argparse.ArgumentParser:
         "--compile",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="torch.compile the model. Default: on with CUDA; off on CPU, where it does not pay: on a "
-        "2-core CPU compiling LeNet-5 took ~17 s and the compiled steps were no faster%(default).0s",
+        help="torch.compile the model; a compile failure falls back to eager with one log line. Default: on "
+        "with CUDA (off with --cuda-graphs); off on CPU, where it does not pay: on a 2-core CPU compiling "
+        "LeNet-5 took ~17 s and the compiled steps were no faster%(default).0s",
+    )
+    p.add_argument(
+        "--compile-mode",
+        choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+        default="default",
+        help="torch.compile mode (reduce-overhead: CUDA graphs for forward and backward)",
+    )
+    p.add_argument(
+        "--cuda-graphs",
+        action="store_true",
+        help="capture the whole training step (gather, forward, backward, optimizer) as one CUDA graph: "
+        "for small models, whose steps are kernel-launch bound; one process on a GPU only",
     )
     p.add_argument(
         "--amp",
@@ -625,6 +310,8 @@ def main(task: Task, parser: argparse.ArgumentParser, argv: Sequence[str] | None
     except DataError as e:
         print(f"{parser.prog}: error: {e}", file=sys.stderr, flush=True)
         code = EXIT_USAGE
+        if not (dist.is_available() and dist.is_initialized()):
+            return code
     except BaseException:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
@@ -641,18 +328,345 @@ def main(task: Task, parser: argparse.ArgumentParser, argv: Sequence[str] | None
 
 
 # ----------------------------------------------------------------------------------------------
-# Training
+# Set-up
 # ----------------------------------------------------------------------------------------------
 
 
-def normalise(
-    images: torch.Tensor, mean: Sequence[float], std: Sequence[float], device: torch.device
-) -> torch.Tensor:
-    """uint8 -> float32 normalised, once for the whole split (on the target device: fast on GPU)."""
-    x = images.to(device, non_blocking=True).float().div_(255)
-    m = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-    s = torch.tensor(std, device=device).view(1, -1, 1, 1)
-    return x.sub_(m).div_(s)
+@dataclass
+class Setup:
+    """Where and how this process trains; decided once, before any data is read."""
+
+    env: DistEnv
+    device: torch.device
+    stop: StopFlag
+    amp: bool
+    channels_last: bool
+    use_compile: bool
+    cuda_graphs: bool
+    run_dir: Path
+    group: dist.ProcessGroup | None = None  # CPU group for control messages, once distributed
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def input_dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.amp else torch.float32
+
+
+def setup(task: Task, args: argparse.Namespace) -> Setup:
+    stop = StopFlag()
+    stop.install()  # before the slow start-up: a signal during data loading still checkpoints
+    env = read_dist_env()
+    set_cpu_threads()
+    device = pick_device(env, args.device)
+    cuda = device.type == "cuda"
+    d = task.defaults
+    if args.batch_size is None:
+        args.batch_size = d.get("gpu_batch_size", d["batch_size"]) if cuda else d["batch_size"]
+    args.base_lr = args.lr
+    if args.scale_lr:
+        args.lr = scaled_lr(
+            args.lr, args.batch_size * env.world_size, d["batch_size"], d.get("lr_scaling", "")
+        )
+    cuda_graphs = args.cuda_graphs and cuda and not env.distributed
+    if args.cuda_graphs and not cuda_graphs and env.main:
+        log("--cuda-graphs needs one process on a GPU: training without")
+    use_compile = args.compile if args.compile is not None else (cuda and not args.cuda_graphs)
+    if not cuda:
+        # Tiny gradients late in training turn denormal, and x86 is many times slower on those.
+        torch.set_flush_denormal(True)
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv kernels once
+        torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in fp32
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    return Setup(
+        env=env,
+        device=device,
+        stop=stop,
+        amp=args.amp and cuda,
+        channels_last=args.channels_last,
+        use_compile=use_compile,
+        cuda_graphs=cuda_graphs,
+        run_dir=args.run_dir.expanduser(),
+    )
+
+
+def load_data(task: Task, args: argparse.Namespace, s: Setup) -> tuple[DeviceData, DeviceData]:
+    """Read once, cut, and put on the device as uint8: batches are index lookups from here on."""
+    if args.dataset == "synthetic":
+        train = synthetic_split(args.limit_train or task.sizes[0], task.shape, seed=1)
+        test = synthetic_split(args.limit_test or task.sizes[1], task.shape, seed=2)
+    else:
+        loader = task.extra_datasets.get(args.dataset, task.load)
+        train, test = loader(args.data_dir.expanduser())
+        train, test = train.head(args.limit_train), test.head(args.limit_test)
+    put = DeviceData.put
+    return (
+        put(train, task.mean, task.std, s.device, s.channels_last),
+        put(test, task.mean, task.std, s.device, s.channels_last),
+    )
+
+
+def compile_cache(run_dir: Path) -> None:
+    """Inductor's and Triton's caches in the run directory: a requeued run finds its kernels there."""
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(run_dir / ".cache" / "inductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", str(run_dir / ".cache" / "triton"))
+
+
+def log_start(task: Task, args: argparse.Namespace, s: Setup, n_train: int, n_test: int) -> None:
+    env = s.env
+    if env.main:
+        lr = f"lr {args.lr:.3g}" + (f" (--lr {args.base_lr:g} scaled)" if args.lr != args.base_lr else "")
+        log(
+            f"{task.title}: dataset {args.dataset} ({n_train} train, {n_test} test images), "
+            f"device {s.device}, {env.world_size} process(es) via {env.source}, batch {args.batch_size}, "
+            f"{lr}, amp {'bf16' if s.amp else 'off'}, compile {'on' if s.use_compile else 'off'}, "
+            f"cuda_graphs {'on' if s.cuda_graphs else 'off'}, "
+            f"channels_last {'on' if s.channels_last else 'off'}, threads {torch.get_num_threads()}"
+        )
+    if env.distributed:
+        log(
+            f"rank {env.rank}/{env.world_size} local_rank {env.local_rank} device {s.device} "
+            f"master {env.master_addr}:{env.master_port}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# The training step: eager, compiled (falling back to eager), or one CUDA graph
+# ----------------------------------------------------------------------------------------------
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for group in opt.param_groups:
+        if isinstance(group["lr"], torch.Tensor):  # a captured graph reads this very tensor
+            group["lr"].fill_(lr)
+        else:
+            group["lr"] = lr
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def _state_kept(model: nn.Module, opt: torch.optim.Optimizer | None = None) -> Any:
+    """Run warm-up or capture steps without changing the run: restore everything in place afterwards
+    (in place: a captured CUDA graph keeps reading these very tensors)."""
+    saved = [t.detach().clone() for t in model.state_dict().values()]
+    opt_saved: dict[Any, dict[str, torch.Tensor]] = {}
+    if opt is not None:
+        for param, st in opt.state.items():
+            opt_saved[param] = {k: v.detach().clone() for k, v in st.items() if isinstance(v, torch.Tensor)}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for t, v in zip(model.state_dict().values(), saved, strict=True):
+                t.copy_(v)
+            if opt is not None:
+                for param, st in opt.state.items():
+                    before = opt_saved.get(param, {})
+                    for k, v in st.items():
+                        if isinstance(v, torch.Tensor):  # state the warm-up created starts from zero
+                            v.copy_(before[k]) if k in before else v.zero_()
+        if opt is None:
+            for p in model.parameters():
+                p.grad = None
+
+
+class Trainer:
+    """The model as trained (maybe compiled, DDP-wrapped), the batch recipe and the step."""
+
+    def __init__(
+        self,
+        task: Task,
+        args: argparse.Namespace,
+        s: Setup,
+        model: nn.Module,
+        opt: torch.optim.Optimizer,
+        train: DeviceData,
+        test: DeviceData,
+    ) -> None:
+        self.task, self.args, self.s = task, args, s
+        self.model, self.opt, self.train, self.test = model, opt, train, test
+        self.fast: nn.Module = model  # what the steps and the evaluation call
+        self.graph_step: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.compile_s = 0.0
+
+    # -- pieces -------------------------------------------------------------------------------
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        xb = self.train.normalise(
+            self.train.images[idx], torch.float32 if self.task.augment else self.s.input_dtype
+        )
+        if self.task.augment is not None:
+            xb = self.task.augment(xb)
+        if self.s.channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        return xb, self.train.labels[idx]
+
+    def _step(self, net: nn.Module, idx: torch.Tensor) -> torch.Tensor:
+        xb, yb = self.batch(idx)
+        with torch.autocast(self.s.device.type, dtype=torch.bfloat16, enabled=self.s.amp):
+            loss = F.cross_entropy(net(xb), yb)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss.detach()
+
+    def _forward_backward(self, net: nn.Module, idx: torch.Tensor) -> None:
+        xb, yb = self.batch(idx)
+        with torch.autocast(self.s.device.type, dtype=torch.bfloat16, enabled=self.s.amp):
+            loss = F.cross_entropy(net(xb), yb)
+        loss.backward()
+
+    # -- preparing ----------------------------------------------------------------------------
+
+    def prepare(self, warm_idx: torch.Tensor) -> None:
+        """Compile (or capture) and warm up before any timed step; compile_s is what that took.
+
+        Warm-up runs the bare (not DDP-wrapped) model, so no collective is involved and a rank whose
+        compiler fails cannot leave the others waiting; the ranks then agree on eager or compiled.
+        Both the training and the evaluation graph are built here, not at the end of epoch 1.
+        """
+        s = self.s
+        t0 = clock()
+        failed = ""
+        if s.use_compile:
+            compile_cache(s.run_dir)
+            mode = None if self.args.compile_mode == "default" else self.args.compile_mode
+            compiled = cast(nn.Module, torch.compile(self.model, mode=mode))
+            try:
+                self._warm(compiled, warm_idx)
+                self.fast = compiled
+            except Exception as e:  # no C compiler, unwritable cache, no libcuda for Triton, ...
+                failed = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+        else:
+            self._warm(self.model, warm_idx)
+        if s.group is not None and s.use_compile:
+            flag = torch.tensor([1 if failed else 0])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=s.group)
+            if int(flag) and not failed:
+                failed = "another rank could not compile"
+        if failed:
+            from torch import _dynamo
+
+            _dynamo.reset()
+            self.fast = self.model
+            log(f"rank {s.env.rank}: torch.compile failed ({failed}); training eager")
+        elif s.use_compile:
+            from torch import _dynamo
+
+            _dynamo.config.suppress_errors = True  # a later recompile that fails runs eager
+        if s.cuda_graphs:
+            try:
+                self.graph_step = self._capture(warm_idx)
+            except Exception as e:
+                log(f"CUDA graph capture failed ({type(e).__name__}: {str(e)[:200]}); training without")
+                self.graph_step = None
+        _sync(s.device)
+        self.compile_s = clock() - t0
+
+    def _warm(self, net: nn.Module, idx: torch.Tensor) -> None:
+        with _state_kept(self.model):
+            self._forward_backward(net, idx)
+            evaluate(net, self.test, self.args.test_batch_size, self.s, max_batches=1, reduce=False)
+        _sync(self.s.device)
+
+    def _capture(self, warm_idx: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The whole step (gather from a static index tensor to optimizer step) as one CUDA graph."""
+        static_idx = warm_idx.clone()
+        net = self.fast
+        with _state_kept(self.model, self.opt):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up on a side stream, as torch.cuda.graph wants
+                for _ in range(3):
+                    self._step(net, static_idx)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            self.opt.zero_grad(set_to_none=True)
+            with torch.cuda.graph(graph):
+                static_loss = self._step(net, static_idx)
+
+        def step(idx: torch.Tensor) -> torch.Tensor:
+            static_idx.copy_(idx)
+            graph.replay()
+            return static_loss
+
+        return step
+
+    def wrap_ddp(self) -> None:
+        """DDP wraps the (compiled) module for training; evaluation bypasses DDP so uneven eval slices
+        cannot stall its buffer broadcasts."""
+        if self.s.env.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.ddp: nn.Module = DDP(self.fast, device_ids=[self.s.device.index] if self.s.cuda else None)
+
+    def step(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.graph_step is not None:
+            return self.graph_step(idx)
+        return self._step(self.ddp if self.s.env.distributed else self.fast, idx)
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    test: DeviceData,
+    batch_size: int,
+    s: Setup,
+    max_batches: int | None = None,
+    reduce: bool = True,
+) -> float:
+    """Test accuracy; each rank scores a contiguous slice and the counts are summed.
+
+    Every batch has the same shape (the last one padded, its padding not counted), so a compiled
+    model never recompiles for a short final batch.
+    """
+    was_training = model.training
+    model.eval()
+    n = len(test)
+    mine = torch.tensor_split(torch.arange(n, device=test.labels.device), s.env.world_size)[s.env.rank]
+    bs = min(batch_size, n)
+    correct = torch.zeros((), dtype=torch.long, device=test.labels.device)
+    total = 0
+    for i, start in enumerate(range(0, len(mine), bs)):
+        if max_batches is not None and i >= max_batches:
+            break
+        idx = mine[start : start + bs]
+        k = len(idx)
+        if k < bs:
+            idx = torch.cat([idx, idx.new_zeros(bs - k)])
+        xb = test.normalise(test.images[idx], s.input_dtype)
+        if s.channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=s.amp):
+            pred = model(xb).argmax(1)
+        correct += (pred[:k] == test.labels[idx[:k]]).sum()
+        total += k
+    counts = torch.stack(
+        [correct.double(), torch.tensor(float(total), device=correct.device, dtype=torch.double)]
+    )
+    if reduce and s.env.distributed:
+        dist.all_reduce(counts)
+    model.train(was_training)
+    c = counts.tolist()
+    return c[0] / c[1] if c[1] > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+# ----------------------------------------------------------------------------------------------
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -667,334 +681,205 @@ def shard(perm: torch.Tensor, env: DistEnv) -> torch.Tensor:
 
 
 def num_batches(n: int, batch_size: int) -> int:
-    # Full batches only (static shapes for torch.compile and cuDNN); the epoch permutation changes,
-    # so no sample is left out for good. A shard smaller than a batch is one batch.
+    # Full batches only (static shapes for torch.compile, CUDA graphs and cuDNN); the epoch permutation
+    # changes, so no sample is left out for good. A shard smaller than a batch is one batch.
     return max(1, n // batch_size)
 
 
-@dataclass
-class Progress:
-    """Everything the checkpoint needs to continue exactly where a run stopped."""
+class Run:
+    """The epoch loop and what rank 0 writes: checkpoints and CSV rows (in the background), the plot."""
 
-    epoch: int = 0  # epochs completed
-    step: int = 0  # batches of epoch+1 already done (non-zero only after a mid-epoch stop)
-    loss_sum: float = 0.0  # partial-epoch accumulators
-    seen: int = 0
-    train_s: float = 0.0
-    elapsed_s: float = 0.0  # training time of the whole run, across restarts
-    history: list[dict[str, float]] = field(default_factory=list)
+    def __init__(self, task: Task, args: argparse.Namespace, s: Setup, tr: Trainer, prog: Progress) -> None:
+        self.task, self.args, self.s, self.tr, self.prog = task, args, s, tr, prog
+        self.writer = Writer()
+        self.ckpt_path = s.run_dir / CHECKPOINT
+        self.logged_shard = False
+        self.first_epoch = prog.epoch + 1
+        self._epoch_totals = torch.zeros(2, dtype=torch.double)
+        self._epoch_t0 = 0.0
 
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def save_checkpoint(
-    path: Path,
-    task: Task,
-    model: nn.Module,
-    opt: torch.optim.Optimizer,
-    prog: Progress,
-    env: DistEnv,
-    device: torch.device,
-    args: argparse.Namespace,
-) -> None:
-    atomic_torch_save(
-        {
-            "format": 1,
-            "task": task.name,
-            "model": model.state_dict(),
-            "optimizer": opt.state_dict(),
-            "epoch": prog.epoch,
-            "step": prog.step,
-            "partial": {"loss_sum": prog.loss_sum, "seen": prog.seen, "train_s": prog.train_s},
-            "elapsed_s": prog.elapsed_s,
-            "history": prog.history,
-            "world_size": env.world_size,
-            "batch_size": args.batch_size,
-            "rng": _rng_state(device),
-            "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        },
-        path,
-    )
-
-
-def load_checkpoint(
-    path: Path,
-    task: Task,
-    model: nn.Module,
-    opt: torch.optim.Optimizer,
-    env: DistEnv,
-    device: torch.device,
-    batch_size: int,
-) -> Progress:
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a torn or foreign file: say which one, not a traceback
-        raise DataError(f"cannot read checkpoint {path}: {e}; delete it or pass --no-resume") from None
-    if ckpt.get("task") != task.name:
-        raise DataError(
-            f"checkpoint {path} is from a {ckpt.get('task')!r} run, not {task.name!r}; "
-            "use another --run-dir or pass --no-resume"
-        )
-    model.load_state_dict(ckpt["model"])
-    opt.load_state_dict(ckpt["optimizer"])
-    _set_rng_state(ckpt["rng"], device)
-    prog = Progress(
-        epoch=int(ckpt["epoch"]), elapsed_s=float(ckpt["elapsed_s"]), history=list(ckpt["history"])
-    )
-    same_steps = ckpt["world_size"] == env.world_size and ckpt.get("batch_size") == batch_size
-    if ckpt["step"] and same_steps:
-        prog.step = int(ckpt["step"])
-        prog.train_s = float(ckpt["partial"]["train_s"])
-        if (
-            env.main
-        ):  # the partial sums are global: one rank carries them, the epoch's all_reduce adds the rest
-            prog.loss_sum = float(ckpt["partial"]["loss_sum"])
-            prog.seen = int(ckpt["partial"]["seen"])
-    elif ckpt["step"] and env.main:
-        # Another world size or batch size cuts the epoch into other steps: "step N" means nothing now.
-        log(
-            f"checkpoint stopped inside epoch {prog.epoch + 1} with {ckpt['world_size']} process(es) x "
-            f"batch {ckpt.get('batch_size')}, now {env.world_size} x {batch_size}: redoing that epoch"
-        )
-    return prog
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    batch_size: int,
-    env: DistEnv,
-    amp: bool,
-    channels_last: bool,
-    max_batches: int | None = None,
-) -> float:
-    """Test accuracy; each rank scores a contiguous slice and the counts are summed."""
-    model.eval()
-    idx = torch.tensor_split(torch.arange(len(y)), env.world_size)[env.rank]
-    lo, hi = (int(idx[0]), int(idx[-1]) + 1) if len(idx) else (0, 0)
-    correct = torch.zeros((), dtype=torch.long, device=x.device)
-    total = 0
-    for i, start in enumerate(range(lo, hi, batch_size)):
-        if max_batches is not None and i >= max_batches:
-            break
-        xb, yb = x[start : min(start + batch_size, hi)], y[start : min(start + batch_size, hi)]
-        if channels_last:
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-            correct += (model(xb).argmax(1) == yb).sum()
-        total += len(yb)
-    counts = torch.tensor([float(correct.item()), float(total)], device=x.device)
-    if env.distributed:
-        dist.all_reduce(counts)
-    model.train()
-    return float(counts[0] / counts[1]) if counts[1] > 0 else 0.0
-
-
-def run(task: Task, args: argparse.Namespace) -> int:
-    t_start = time.perf_counter()
-    stop = StopFlag()
-    stop.install()  # before the slow start-up: a signal during data loading still checkpoints
-    env = read_dist_env()
-    set_cpu_threads()
-    device = pick_device(env, args.device)
-    cuda = device.type == "cuda"
-    amp = args.amp and cuda
-    use_compile = args.compile if args.compile is not None else cuda
-    channels_last = args.channels_last
-    if not cuda:
-        # Tiny gradients late in training turn denormal, and x86 is many times slower on those.
-        torch.set_flush_denormal(True)
-    if cuda:
-        torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest conv kernels once
-        torch.set_float32_matmul_precision("high")  # TF32 for what autocast leaves in fp32
-    torch.manual_seed(args.seed)
-    random.seed(args.seed)
-
-    # Data: read once, cut, moved and normalised once; batches are index lookups from here on.
-    if args.dataset == "synthetic":
-        train = synthetic_split(args.limit_train or task.sizes[0], task.shape, seed=1)
-        test = synthetic_split(args.limit_test or task.sizes[1], task.shape, seed=2)
-    else:
-        train, test = task.load(args.data_dir.expanduser())
-        train, test = train.head(args.limit_train), test.head(args.limit_test)
-    x_train = normalise(train.images, task.mean, task.std, device)
-    y_train = train.labels.to(device)
-    x_test = normalise(test.images, task.mean, task.std, device)
-    y_test = test.labels.to(device)
-
-    init_distributed(env, device)
-    run_dir: Path = args.run_dir.expanduser()
-    if env.main and not args.dry_run:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    if env.main:
-        log(
-            f"{task.title}: dataset {args.dataset} ({len(train)} train, {len(test)} test images), "
-            f"device {device}, {env.world_size} process(es) via {env.source}, batch {args.batch_size}, "
-            f"lr {args.lr}, amp {'bf16' if amp else 'off'}, compile {'on' if use_compile else 'off'}, "
-            f"channels_last {'on' if channels_last else 'off'}, threads {torch.get_num_threads()}"
-        )
-    if env.distributed:
-        log(
-            f"rank {env.rank}/{env.world_size} local_rank {env.local_rank} device {device} "
-            f"master {env.master_addr}:{env.master_port}"
+    def snapshot(self) -> dict[str, Any] | None:
+        """All ranks call (the RNG states are gathered); rank 0 gets a host copy of the state."""
+        rng = all_rng_states(self.s.env, self.s.device, self.s.group)
+        if not self.s.env.main or rng is None:
+            return None
+        return checkpoint_state(
+            self.task.name, self.tr.model, self.tr.opt, self.prog, self.s.env, rng, self.args
         )
 
-    model = task.build_model(args).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    opt = task.build_optimizer(model.parameters(), args, device)
+    def save_in_background(self, row: dict[str, float]) -> None:
+        state = self.snapshot()
+        if state is None:
+            return
+        path, metrics = self.ckpt_path, self.s.run_dir / METRICS
 
-    ckpt_path = run_dir / CHECKPOINT
-    prog = Progress()
-    if args.resume and not args.dry_run and ckpt_path.is_file():
-        prog = load_checkpoint(ckpt_path, task, model, opt, env, device, args.batch_size)
-        if env.main:
-            where = f" (continuing inside epoch {prog.epoch + 1} at step {prog.step})" if prog.step else ""
-            log(f"resumed from epoch {prog.epoch}{where}")
-    if env.main and not args.dry_run:
-        # After a restart metrics.csv must agree with the checkpoint: rewrite it from the history.
-        write_metrics(run_dir / METRICS, prog.history)
+        def write() -> None:
+            # Checkpoint first, then the CSV: a kill in between is repaired by the rewrite at start.
+            atomic_torch_save(state, path)
+            append_metrics(metrics, row)
 
-    fast = cast(nn.Module, torch.compile(model)) if use_compile else model
-    # DDP wraps the (compiled) module; evaluation bypasses DDP so uneven eval slices cannot stall
-    # its buffer broadcasts.
-    train_model: nn.Module = fast
-    if env.distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
+        self.writer.submit(write)
 
-        train_model = DDP(fast, device_ids=[device.index] if cuda else None)
-
-    def train_step(xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = F.cross_entropy(train_model(xb), yb)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.detach()
-
-    def batch(idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        xb = x_train[idx]
-        if task.augment is not None:
-            xb = task.augment(xb)
-        if channels_last:
-            xb = xb.contiguous(memory_format=torch.channels_last)
-        return xb, y_train[idx]
-
-    if args.dry_run:
-        idx = shard(epoch_permutation(len(train), args.seed, 1), env)[: args.batch_size].to(device)
-        loss = float(train_step(*batch(idx)))
-        acc = evaluate(fast, x_test, y_test, args.test_batch_size, env, amp, channels_last, max_batches=1)
-        if env.main:
-            log(
-                f"dry run ok: 1 training batch (loss {loss:.4f}), 1 evaluation batch "
-                f"(accuracy {acc:.4f}), {time.perf_counter() - t_start:.1f}s"
-            )
-        return 0
-
-    def stop_now(epoch: int) -> int:
+    def stop_now(self, epoch: int) -> int:
         """All ranks: the checkpoint is written (by rank 0); maybe requeue; leave with EXIT_PREEMPTED."""
-        if env.distributed:
+        state = self.snapshot()
+        if state is not None:
+            self.writer.wait()
+            atomic_torch_save(state, self.ckpt_path)
+            write_plot(self.s.run_dir / PLOT, self.prog.history, self.task.title)
+        if self.s.env.distributed:
             dist.barrier()  # nobody exits (and lets srun tear the step down) before the file is there
-        if env.main:
+        stop = self.s.stop
+        if self.s.env.main:
             log(f"preempted at epoch {epoch}, checkpoint written ({stop.name})")
-            if args.requeue_on_signal and stop.stop_signum == signal.SIGUSR2:
-                job_id, why = requeue_decision(os.environ, args.max_requeues)
+            if self.args.requeue_on_signal and stop.stop_signum == signal.SIGUSR2:
+                job_id, why = requeue_decision(os.environ, self.args.max_requeues)
                 log(why)
                 if job_id is not None:
                     log(requeue(job_id))
         return EXIT_PREEMPTED
 
-    if env.main and prog.epoch >= args.epochs:
-        log(f"nothing to train: the checkpoint is at epoch {prog.epoch}, --epochs is {args.epochs}")
-    logged_shard = False
-    for epoch in range(prog.epoch + 1, args.epochs + 1):
-        lr = task.lr_at(epoch, args)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        my_idx = shard(epoch_permutation(len(train), args.seed, epoch), env)
-        if not logged_shard:
+    def train_epoch(self, epoch: int) -> bool:
+        """Steps of one epoch from prog.step; False when the ranks agreed to stop inside it."""
+        s, prog, args = self.s, self.prog, self.args
+        my_idx = shard(epoch_permutation(len(self.tr.train), args.seed, epoch), s.env)
+        if not self.logged_shard:
             log(
-                f"rank {env.rank} shard epoch {epoch} size {len(my_idx)} first {my_idx[:5].tolist()} "
+                f"rank {s.env.rank} shard epoch {epoch} size {len(my_idx)} first {my_idx[:5].tolist()} "
                 f"sha256 {indices_sha256(my_idx)}"
             )
-            logged_shard = True
-        my_idx = my_idx.to(device)
+            self.logged_shard = True
+        my_idx = my_idx.to(s.device)
         n_batches = num_batches(len(my_idx), args.batch_size)
         bs = min(args.batch_size, len(my_idx))
-        loss_sum = torch.tensor(prog.loss_sum, device=device)  # on device: no sync per step
+        loss_sum = torch.tensor(prog.loss_sum, device=s.device)  # on device: no sync per step
         seen = prog.seen
-        t0 = time.perf_counter()
+        t0 = clock()
         stopped = False
         for step in range(prog.step, n_batches):
-            xb, yb = batch(my_idx[step * bs : (step + 1) * bs])
-            loss_sum += train_step(xb, yb).float() * len(yb)
-            seen += len(yb)
-            due = not env.distributed or (step + 1) % STOP_SYNC_EVERY == 0
-            if due and step + 1 < n_batches and stop.agreed(env, device):
+            loss_sum += self.tr.step(my_idx[step * bs : (step + 1) * bs]).float() * bs
+            seen += bs
+            due = s.group is None or (step + 1) % STOP_SYNC_EVERY == 0
+            if due and step + 1 < n_batches and s.stop.agreed(s.group):
                 stopped = True
                 prog.step = step + 1
                 break
-        if cuda:
-            torch.cuda.synchronize(device)
-        train_s = prog.train_s + time.perf_counter() - t0
+        _sync(s.device)
+        prog.train_s += clock() - t0
+        totals = torch.stack(
+            [loss_sum.double(), torch.tensor(float(seen), device=s.device, dtype=torch.double)]
+        )
         if stopped:
-            partial = torch.tensor([float(loss_sum), float(seen)], device=device)
-            if env.distributed:
-                dist.all_reduce(partial)  # the checkpoint keeps the global partial sums (rank 0 resumes them)
-            prog.loss_sum, prog.seen, prog.train_s = float(partial[0]), int(partial[1]), train_s
-            prog.elapsed_s += time.perf_counter() - t0
-            if env.main:
-                save_checkpoint(ckpt_path, task, model, opt, prog, env, device, args)
-            return stop_now(epoch)
+            if s.env.distributed:
+                dist.all_reduce(totals)  # the checkpoint keeps the global partial sums (rank 0 resumes them)
+            prog.loss_sum, prog.seen = totals.tolist()[0], int(totals.tolist()[1])
+            prog.elapsed_s += clock() - t0
+            return False
+        self._epoch_totals = totals
+        self._epoch_t0 = t0
+        return True
 
-        acc = evaluate(fast, x_test, y_test, args.test_batch_size, env, amp, channels_last)
-        stats = torch.tensor([float(loss_sum), float(seen)], device=device)
-        if env.distributed:
-            dist.all_reduce(stats)
-        prog.elapsed_s += time.perf_counter() - t0
+    def finish_epoch(self, epoch: int) -> None:
+        s, prog, args = self.s, self.prog, self.args
+        acc = evaluate(self.tr.fast, self.tr.test, args.test_batch_size, s)
+        totals = self._epoch_totals
+        if s.env.distributed:
+            dist.all_reduce(totals)
+        loss_sum, seen = totals.tolist()
+        prog.elapsed_s += clock() - self._epoch_t0
         row = {
             "epoch": epoch,
-            "loss": float(stats[0] / stats[1]),
+            "loss": loss_sum / seen,
             "accuracy": acc,
-            "images_per_s": float(stats[1]) / train_s if train_s > 0 else 0.0,
+            "images_per_s": seen / prog.train_s if prog.train_s > 0 else 0.0,
             "elapsed_s": prog.elapsed_s,
+            "compile_s": self.tr.compile_s if epoch == self.first_epoch else 0.0,
         }
         prog.history.append(row)
         prog.epoch, prog.step, prog.loss_sum, prog.seen, prog.train_s = epoch, 0, 0.0, 0, 0.0
-        if env.main:
-            # Checkpoint first, then the CSV: a kill in between is repaired by the rewrite at start.
-            save_checkpoint(ckpt_path, task, model, opt, prog, env, device, args)
-            append_metrics(run_dir / METRICS, row)
-            write_plot(run_dir / PLOT, prog.history, task.title)
+        self.save_in_background(row)
+        if s.env.main:
             log(
                 f"epoch {epoch}/{args.epochs} loss {row['loss']:.4f} test_acc {acc:.4f} "
                 f"images/s {row['images_per_s']:.0f} elapsed {prog.elapsed_s:.1f}s"
             )
-        if epoch < args.epochs and stop.agreed(env, device):
-            return stop_now(epoch)
 
-    if env.main:
-        atomic_torch_save(model.state_dict(), run_dir / FINAL_MODEL)
+    def loop(self) -> int:
+        s, args, prog = self.s, self.args, self.prog
+        if s.env.main and prog.epoch >= args.epochs:
+            log(f"nothing to train: the checkpoint is at epoch {prog.epoch}, --epochs is {args.epochs}")
+        if prog.epoch < args.epochs and s.stop.agreed(s.group):  # a signal during start-up or compiling
+            return self.stop_now(prog.epoch + 1)
+        for epoch in range(self.first_epoch, args.epochs + 1):
+            set_lr(self.tr.opt, self.task.lr_at(epoch, args))
+            if not self.train_epoch(epoch):
+                return self.stop_now(epoch)
+            self.finish_epoch(epoch)
+            if epoch < args.epochs and s.stop.agreed(s.group):
+                self.writer.wait()
+                return self.stop_now(epoch)
+        self.writer.wait()
+        if s.env.main:
+            atomic_torch_save(self.tr.model.state_dict(), s.run_dir / FINAL_MODEL)
+            write_plot(s.run_dir / PLOT, prog.history, self.task.title)  # once, off the per-epoch path
+        return 0
+
+
+def dry_run(tr: Trainer, args: argparse.Namespace, s: Setup, t_start: float) -> int:
+    idx = shard(epoch_permutation(len(tr.train), args.seed, 1), s.env)[: args.batch_size].to(s.device)
+    loss = float(tr.step(idx))
+    acc = evaluate(tr.fast, tr.test, args.test_batch_size, s, max_batches=1)
+    if s.env.main:
         log(
-            f"wrote {run_dir / FINAL_MODEL} after {prog.epoch} epochs in {time.perf_counter() - t_start:.1f}s"
+            f"dry run ok: 1 training batch (loss {loss:.4f}), 1 evaluation batch "
+            f"(accuracy {acc:.4f}), {clock() - t_start:.1f}s"
         )
-    log(f"rank {env.rank} final-weights-sha256 {weights_sha256(model)}")
     return 0
+
+
+def run(task: Task, args: argparse.Namespace) -> int:
+    t_start = clock()
+    s = setup(task, args)
+    train, test = load_data(task, args, s)
+    s.group = init_distributed(s.env, s.device, log)
+    env = s.env
+    if env.main and not args.dry_run:
+        s.run_dir.mkdir(parents=True, exist_ok=True)
+    log_start(task, args, s, len(train), len(test))
+
+    model = task.build_model(args).to(s.device)
+    if s.channels_last:
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    opt = task.build_optimizer(model.parameters(), args, s.device)
+    # Model init is the same on every rank (--seed); augmentation draws differ per rank from here on.
+    torch.manual_seed(rank_seed(args.seed, env.rank))
+
+    prog = Progress()
+    ckpt_path = s.run_dir / CHECKPOINT
+    if args.resume and not args.dry_run and ckpt_path.is_file():
+        prog = load_checkpoint(
+            ckpt_path, task.name, model, opt, env, s.device, args.batch_size, args.seed, log
+        )
+        if env.main:
+            where = f" (continuing inside epoch {prog.epoch + 1} at step {prog.step})" if prog.step else ""
+            log(f"resumed from epoch {prog.epoch}{where}")
+    if env.main and not args.dry_run:
+        # After a restart metrics.csv must agree with the checkpoint: rewrite it from the history.
+        write_metrics(s.run_dir / METRICS, prog.history)
+
+    tr = Trainer(task, args, s, model, opt, train, test)
+    warm_idx = torch.arange(min(args.batch_size, len(train)), device=s.device)
+    tr.prepare(warm_idx)
+    tr.wrap_ddp()
+    if env.main and (s.use_compile or s.cuda_graphs):
+        log(f"warm-up (compile/capture) {tr.compile_s:.1f}s, not counted in images/s")
+    if args.dry_run:
+        return dry_run(tr, args, s, t_start)
+    code = Run(task, args, s, tr, prog).loop()
+    if code == 0 and env.main:
+        log(f"wrote {s.run_dir / FINAL_MODEL} after {prog.epoch} epochs in {clock() - t_start:.1f}s")
+    if code == 0 and s.cuda and env.main:
+        log(f"peak memory {torch.cuda.max_memory_allocated(s.device) // 2**20} MiB")
+    if code == 0:
+        log(f"rank {env.rank} final-weights-sha256 {weights_sha256(model)}")
+    return code

@@ -253,6 +253,15 @@ class SlurmClient:
         value = self.config("MaxArraySize")
         return int(value) if value and value.isdigit() else None
 
+    def cpus_per_gpu(self, partition: str | None) -> int | None:
+        """CPU cores per GPU on the partition's tightest GPU node type (``sinfo %c %G``); None when
+        no node has GPUs or sinfo cannot tell."""
+        argv = ["sinfo", "-h", "-o", "%c %G"]
+        if partition:
+            argv += ["-p", partition]
+        result = self._run(argv)
+        return parse.parse_sinfo_cpus_per_gpu(result.stdout) if result.ok else None
+
     def gpus_per_node(self, partition: str | None) -> int | None:
         """The most GPUs any node of the partition has, from ``sinfo``; None when it cannot be told
         (sinfo failed, or shows no GPUs: a mistyped partition must not read as "0 per node")."""

@@ -567,3 +567,18 @@ def parse_config(text: str) -> dict[str, str]:
         if sep and key.strip() and " " not in key.strip():
             out[key.strip()] = value.strip()
     return out
+
+
+def parse_sinfo_cpus_per_gpu(sinfo_cpus_gres: str) -> int | None:
+    """CPU cores per GPU on the partition's tightest node type, from ``sinfo -h -o "%c %G"`` lines
+    (``64 gpu:a100:4(S:0-1)``): the share of one training process per GPU. None: no GPU nodes."""
+    share: int | None = None
+    for line in sinfo_cpus_gres.splitlines():
+        fields = line.split()
+        if len(fields) < 2 or not fields[0].rstrip("+").isdigit():
+            continue
+        gpus = sum(int(m.group(1)) for m in _GRES_GPUS.finditer(fields[1]))
+        if gpus:
+            per = max(1, int(fields[0].rstrip("+")) // gpus)
+            share = per if share is None else min(share, per)
+    return share

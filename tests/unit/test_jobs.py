@@ -68,7 +68,7 @@ def run_job(
 
 def metrics_epochs(run_dir: Path) -> list[int]:
     lines = (run_dir / "metrics.csv").read_text().splitlines()
-    assert lines[0] == "epoch,loss,accuracy,images_per_s,elapsed_s"
+    assert lines[0] == "epoch,loss,accuracy,images_per_s,elapsed_s,compile_s"
     return [int(line.split(",")[0]) for line in lines[1:]]
 
 
@@ -87,14 +87,17 @@ def mnist_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return datagen.write_mnist(tmp_path_factory.mktemp("mnist"), n_train=4000, n_test=1000, gz=True)
 
 
-# Two epochs of LeNet-5 on 4000 synthetic MNIST images: the reference run several tests compare with.
-TRAIN_ARGS = ("--epochs", "2", "--batch-size", "128", "--seed", "3")
+# Two short epochs of LeNet-5 on scikit-learn's real digits (1,437 train, 360 test): the reference run
+# several tests compare with. Real scans, so a broken model or loader shows as lost accuracy.
+TRAIN_ARGS = ("--epochs", "2", "--batch-size", "16", "--seed", "3")
+DIGITS = ("--dataset", "digits")
 
 
 @pytest.fixture(scope="module")
-def trained(mnist_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    pytest.importorskip("sklearn")
     run_dir = tmp_path_factory.mktemp("run")
-    proc = run_job(MNIST, "--data-dir", mnist_dir, "--run-dir", run_dir, *TRAIN_ARGS)
+    proc = run_job(MNIST, *DIGITS, "--run-dir", run_dir, *TRAIN_ARGS)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return run_dir, proc.stdout
 
@@ -197,9 +200,13 @@ def test_help_shows_flags_and_defaults(capsys: pytest.CaptureFixture[str]) -> No
         "--no-channels-last",
         "--requeue-on-signal",
         "--max-requeues",
+        "--cuda-graphs",
+        "--compile-mode",
+        "--no-scale-lr",
     ):
         assert flag in out
-    assert "(default: 128)" in out and "HPCLAUNCH_RUN_DIR" in out
+    assert "(default: 128 on CPU, 1024 on a GPU" in " ".join(out.split()) and "HPCLAUNCH_RUN_DIR" in out
+    assert "{mnist,digits,synthetic}" in out
 
 
 @pytest.mark.parametrize("script", [MNIST, CIFAR], ids=["mnist", "cifar10"])
@@ -218,10 +225,12 @@ def test_missing_data_is_one_line_exit_2(script: Path, tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("script", [MNIST, CIFAR], ids=["mnist", "cifar10"])
 def test_dry_run(script: Path, tmp_path: Path) -> None:
-    # Staged as hpclaunch does (the script plus hpctrain.py, nothing else) and started from elsewhere.
+    # Staged as hpclaunch does (the script plus the shared modules, nothing else), started from elsewhere.
     stage = tmp_path / "stage"
     stage.mkdir()
-    for f in (script, JOBS / "hpctrain.py"):
+    from hpclaunch.train import SHARED_MODULES
+
+    for f in (script, *(JOBS / name for name in SHARED_MODULES)):
         shutil.copy(f, stage / f.name)
     args = "--dataset synthetic --limit-train 300 --limit-test 100 --batch-size 32 --dry-run".split()
     proc = run_job(stage / script.name, *args, "--run-dir", tmp_path / "run", cwd=tmp_path)
@@ -238,7 +247,7 @@ def test_short_mnist_run_learns_and_writes_results(trained: tuple[Path, str]) ->
     assert re.search(r"^epoch 1/2 loss [\d.]+ test_acc [\d.]+ images/s \d+ elapsed [\d.]+s$", stdout, re.M)
     assert metrics_epochs(run_dir) == [1, 2]
     last = (run_dir / "metrics.csv").read_text().splitlines()[-1].split(",")
-    assert float(last[2]) > 0.9, stdout  # test accuracy
+    assert float(last[2]) > 0.88, stdout  # test accuracy on real digits (0.92 when written)
     assert float(last[3]) > 0 and float(last[4]) > 0
     png = (run_dir / "plot.png").read_bytes()
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and len(png) > 5000
@@ -251,10 +260,8 @@ def test_short_mnist_run_learns_and_writes_results(trained: tuple[Path, str]) ->
     assert not list(run_dir.glob(".*tmp*")), "temporary files left behind"
 
 
-def test_resume_continues_without_redoing_an_epoch(
-    trained: tuple[Path, str], mnist_dir: Path, tmp_path: Path
-) -> None:
-    common = ("--data-dir", mnist_dir, "--run-dir", tmp_path, *TRAIN_ARGS[2:])
+def test_resume_continues_without_redoing_an_epoch(trained: tuple[Path, str], tmp_path: Path) -> None:
+    common = (*DIGITS, "--run-dir", tmp_path, *TRAIN_ARGS[2:])
     first = run_job(MNIST, *common, "--epochs", "1")
     assert first.returncode == 0, first.stdout + first.stderr
     assert metrics_epochs(tmp_path) == [1]
@@ -381,8 +388,10 @@ def test_dist_env_from_slurm_step(monkeypatch: pytest.MonkeyPatch) -> None:
         world_size=4,
         local_rank=1,
         master_addr="gpu07",
-        master_port=20000 + 123456 % 20000,
+        master_port=hpctrain.slurm_master_port("123456"),
         source="slurm",
+        port_candidates=tuple(hpctrain.slurm_master_port("123456", k) for k in range(4)),
+        token="123456.0",
     )
     # The batch shell has SLURM_PROCID/SLURM_NTASKS too, but runs one process: no srun step, no DDP.
     monkeypatch.delenv("SLURM_STEP_ID")
@@ -400,9 +409,11 @@ def test_dist_env_from_slurm_step(monkeypatch: pytest.MonkeyPatch) -> None:
     assert hpctrain.read_dist_env() == hpctrain.DistEnv(0, 2, 0, "h", 1234, "torchrun")
 
 
-def test_ports_from_job_ids_differ() -> None:
-    assert hpctrain.slurm_master_port("1") != hpctrain.slurm_master_port("2")
-    assert all(20000 <= hpctrain.slurm_master_port(str(j)) < 40000 for j in (0, 19999, 20000, 987654321))
+def test_ports_from_job_ids_differ_and_avoid_the_ephemeral_range() -> None:
+    ports = [hpctrain.slurm_master_port(str(j)) for j in range(1_000_000, 1_000_000 + 20_001)]
+    assert len(set(ports)) == len(ports)  # ids 20,000 apart (and anything closer) never share a port
+    every = [hpctrain.slurm_master_port(str(j), k) for j in (0, 19999, 20000, 987654321) for k in range(4)]
+    assert all(1024 <= p < 32768 for p in every)  # Linux's ephemeral range is 32768-60999
 
 
 def _ddp(args: tuple[str | Path, ...], port: int, world: int = 2) -> list[subprocess.Popen[str]]:
@@ -458,3 +469,5 @@ def test_ddp_signal_to_one_rank_stops_both(tmp_path: Path) -> None:
     assert "preempted at epoch 1, checkpoint written (SIGUSR2)" in outs[0]
     ckpt = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
     assert ckpt["world_size"] == 2 and ckpt["epoch"] == 0 and ckpt["step"] % hpctrain.STOP_SYNC_EVERY == 0
+    # Both ranks' RNG states are saved, and they differ (each rank draws its own augmentation).
+    assert len(ckpt["rng"]) == 2 and not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])

@@ -30,6 +30,9 @@ class RecordingScheduler:
     def gpus_per_node(self, partition: str | None) -> int | None:
         return self._gpus
 
+    def cpus_per_gpu(self, partition: str | None) -> int | None:
+        return 4
+
     def submit(
         self,
         script_text: str,
@@ -62,6 +65,7 @@ def test_train_runs_one_task_per_gpu_of_the_cluster_defaults(tmp_path: Path) -> 
     job = cluster.train("mnist_lenet5", ["--dataset", "synthetic"])
     (script,) = scheduler.scripts
     assert "#SBATCH --ntasks-per-node=2" in script and "#SBATCH --gres=gpu:2" in script
+    assert "#SBATCH --cpus-per-task=4" in script  # each GPU process gets its share of the node's cores
     assert job.run_dir is not None and (Path(job.run_dir) / "code" / "mnist_lenet5.py").is_file()
     # The user's own choice of tasks still wins over the one-per-GPU default.
     cluster.train("mnist_lenet5", ["--dataset", "synthetic"], ntasks_per_node=1)
