@@ -132,14 +132,13 @@ _COMPACT: dict[str, JobState] = {
 
 #: Pending reasons that will not clear by waiting, with what to change. Reasons not listed here
 #: (Priority, Resources, QOSGrpGRES, BeginTime, Dependency, JobArrayTaskLimit, PartitionDown, ...)
-#: clear by themselves.
+#: clear by themselves. PartitionConfig ("not available now") is not listed: Slurm 22.05 shows it for a
+#: moment before PartitionTimeLimit, and it can clear.
 CANNOT_START: Mapping[str, str] = {
     "PartitionNodeLimit": "the partition has fewer nodes (or a lower node limit) than asked for: ask for "
     "fewer --nodes or use another --partition",
     "PartitionTimeLimit": "the partition's time limit is shorter than asked for: ask for less --time or "
     "use another --partition",
-    "PartitionConfig": "the request does not fit the partition's configuration: check --partition "
-    "against `sinfo`",
     "AccountNotAllowed": "this account may not use the partition: use another --account or --partition",
     "QOSNotAllowed": "this QOS may not be used in the partition: use another --qos or --partition",
     "InvalidAccount": "the account is not valid for you: check --account with `sacctmgr show assoc "

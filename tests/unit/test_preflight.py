@@ -86,7 +86,7 @@ def test_the_estimate_reads_like_a_person_would_say_it() -> None:
 HOPELESS = ["PartitionNodeLimit", "PartitionTimeLimit", "QOSMaxWallDurationPerJobLimit", "InvalidAccount",
             "InvalidQOS", "BadConstraints"]  # fmt: skip
 CLEARING = ["Priority", "Resources", "QOSGrpGRES", "BeginTime", "Dependency", "JobArrayTaskLimit",
-            "PartitionDown", "ReqNodeNotAvail", None]  # fmt: skip
+            "PartitionDown", "PartitionConfig", "ReqNodeNotAvail", None]  # fmt: skip
 
 
 @pytest.mark.parametrize("reason", HOPELESS)
