@@ -81,7 +81,8 @@ Shell completion (bash): eval "$(_HPCLAUNCH_COMPLETE=bash_source hpclaunch)"
     envvar="HPCLAUNCH_CONFIG",
     show_envvar=True,
     type=click.Path(dir_okay=False),
-    help="Config file (default: config.toml in the hpclaunch app directory).",
+    help="Your config file (default: config.toml in the hpclaunch app directory); read after the site's "
+    "/etc/hpclaunch/config.toml (HPCLAUNCH_SITE_CONFIG), which it overrides.",
 )
 @click.option(
     "--host",
