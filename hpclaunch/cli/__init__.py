@@ -33,6 +33,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "stop": ("jupyter:stop", "End running notebooks."),
     "train": ("train", "Run a bundled training job or your own script on the allocated GPUs."),
     "fetch": ("train:fetch", "Copy a training run's metrics, plot and checkpoint back."),
+    "clean": ("clean", "Remove the run directories of finished jobs (home quotas)."),
 }
 
 

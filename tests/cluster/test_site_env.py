@@ -6,14 +6,13 @@ The profile here has no setup lines and no venv: everything the jobs use comes f
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
 import requests
 
-from .conftest import run_hpclaunch
+from .conftest import profile_env, run_hpclaunch
 from .test_jupyter import start_jupyter, stop
 
 if TYPE_CHECKING:
@@ -25,22 +24,7 @@ pytestmark = pytest.mark.cluster
 @pytest.fixture
 def module_env(dev_cluster: DevCluster, tmp_path: Path) -> dict[str, str]:
     """The CLI against a profile without `setup` or `venv`: nothing on the nodes but what modules bring."""
-    path = tmp_path / "config.toml"
-    path.write_text(
-        f"""default = "m"
-[clusters.m]
-host = "{dev_cluster.ssh_alias}"
-ssh_config = "{dev_cluster.ssh_config}"
-partition = "{dev_cluster.partition}"
-"""
-    )
-    path.chmod(0o600)
-    return {
-        **os.environ,
-        "HPCLAUNCH_CONFIG": str(path),
-        "XDG_STATE_HOME": str(tmp_path / "state"),
-        "PYTHONUNBUFFERED": "1",
-    }
+    return profile_env(dev_cluster, tmp_path)
 
 
 def test_the_module_system_exists_only_in_login_shells(dev_cluster: DevCluster) -> None:
