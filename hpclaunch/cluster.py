@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from submitit.core.core import Executor
 
     from .array import ArrayJob
+    from .cleanup import CleanPlan
     from .jupyter.session import JupyterOptions, Session
     from .slurm.request import Preflight
     from .states import JobInfo
@@ -109,6 +110,21 @@ class Cluster(Submitter):
         return super().check(
             template_or_script, command=command, variables=variables, context=context, **params
         )
+
+    # --- the work directory ---------------------------------------------------------------------
+
+    def clean(self, *, older_than: float = 0.0, results: bool = False, dry_run: bool = False) -> CleanPlan:
+        """Remove the run directories of finished notebook and plain jobs (training runs too with
+        ``results``; none untouched for less than ``older_than`` seconds, none a queued job works in).
+        Returns the plan: what was (with ``dry_run``: would be) removed, and what was kept and why."""
+        from . import cleanup, train
+        from .jupyter.session import TOKEN_FILE
+
+        kinds = {"notebook": (TOKEN_FILE,), "training": (train.CODE_DIR, *train.RESULT_FILES)}
+        planned = cleanup.plan(self, kinds=kinds, older_than=older_than, results=results)
+        if not dry_run:
+            cleanup.remove(self, planned.remove)
+        return planned
 
     # --- arrays and functions ------------------------------------------------------------------
 

@@ -1,4 +1,9 @@
-"""Profiles from a TOML file, layered as flag > environment variable > profile > defaults.
+"""Profiles from TOML files, layered as flag > environment variable > profile > defaults.
+
+Two files are read, in the same format: the site's (``/etc/hpclaunch/config.toml``, or the file
+``HPCLAUNCH_SITE_CONFIG`` names; an empty value reads none), where an admin sets defaults for everyone,
+and the user's own (``HPCLAUNCH_CONFIG``, default ``config.toml`` in the app directory). A profile defined
+in both is merged key by key, the user's keys winning; the user's ``default`` wins over the site's.
 
 ```toml
 default = "mycluster"
@@ -35,13 +40,14 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 CONFIG_ENV = "HPCLAUNCH_CONFIG"
+SITE_CONFIG_ENV = "HPCLAUNCH_SITE_CONFIG"
+DEFAULT_SITE_CONFIG = Path("/etc/hpclaunch/config.toml")
 PROFILE_ENV = "HPCLAUNCH_PROFILE"
 APP_NAME = "hpclaunch"
 
 #: Profile names that exist without a config file.
 BUILTIN_LOCAL = "local"  # no Slurm: jobs run as background processes on this machine
 BUILTIN_SLURM = "slurm"  # this machine's own sbatch (a login node)
-
 
 
 class SchedulerKind(str, enum.Enum):
@@ -62,7 +68,6 @@ class TunnelMode(str, enum.Enum):
 
     def __str__(self) -> str:
         return self.value
-
 
 
 def choice(kind: type[enum.Enum], key: str, value: Any, where: str = "") -> Any:
@@ -145,14 +150,28 @@ def default_config_path() -> Path:
     return Path(click.get_app_dir(APP_NAME)) / "config.toml"
 
 
+def site_config_path() -> Path | None:
+    """The site-wide file an admin writes for everyone; None when ``HPCLAUNCH_SITE_CONFIG`` is empty."""
+    env = os.environ.get(SITE_CONFIG_ENV)
+    if env is None:
+        return DEFAULT_SITE_CONFIG
+    return Path(env).expanduser() if env.strip() else None
+
+
 @dataclass(frozen=True)
 class Config:
-    """The parsed config file: named profiles and which one is the default."""
+    """The parsed config files: named profiles and which one is the default."""
 
+    #: The user's file (whether or not it exists).
     path: Path
     profiles: Mapping[str, Profile]
     default: str | None
+    #: Whether the user's file exists.
     exists: bool
+    #: The site-wide file looked for (None: none, by ``HPCLAUNCH_SITE_CONFIG=``).
+    site_path: Path | None = None
+    #: The files actually read, site first.
+    files_read: tuple[Path, ...] = ()
 
     def profile(self, name: str | None = None) -> Profile:
         """The named profile, or the default: the file's, else this machine's Slurm, else ``local``."""
@@ -171,7 +190,7 @@ class Config:
         if chosen == BUILTIN_SLURM:
             return Profile(name=BUILTIN_SLURM)
         known = sorted({*self.profiles, BUILTIN_LOCAL, BUILTIN_SLURM})
-        where = str(self.path) if self.exists else f"{self.path} (which does not exist)"
+        where = " and ".join(map(str, self.files_read)) or f"{self.path} (which does not exist)"
         raise ConfigError(
             f"unknown profile {chosen!r}",
             hint=f"profiles in {where}: {', '.join(known)}",
@@ -179,45 +198,89 @@ class Config:
 
 
 def load(path: str | os.PathLike[str] | None = None) -> Config:
-    """Read and validate the config file; a missing file is an empty config."""
+    """Read and validate the site's file and the user's; a missing file is an empty one."""
     file = Path(path).expanduser() if path else default_config_path()
-    if not file.exists():
-        if path or os.environ.get(CONFIG_ENV):
-            raise ConfigError(f"config file {file} does not exist", hint=f"create it or unset {CONFIG_ENV}")
-        return Config(path=file, profiles={}, default=None, exists=False)
-    _warn_if_readable_by_others(file)
+    if not file.exists() and (path or os.environ.get(CONFIG_ENV)):
+        raise ConfigError(f"config file {file} does not exist", hint=f"create it or unset {CONFIG_ENV}")
+    site = site_config_path()
+    if site is not None and not site.exists() and os.environ.get(SITE_CONFIG_ENV):
+        raise ConfigError(
+            f"site config file {site} does not exist",
+            hint=f"create it, or set {SITE_CONFIG_ENV} to an empty value to read none",
+        )
+    layers: list[tuple[Path, Mapping[str, Any]]] = []
+    if site is not None and site.exists():
+        # Meant to be read by everyone; but one that others can change runs their setup lines in your jobs.
+        _warn_if_exposed(site, shared=True)
+        layers.append((site, _read(site)))
+    if file.exists():
+        _warn_if_exposed(file)
+        layers.append((file, _read(file)))
+    return _merge(file, site, layers)
+
+
+def _read(file: Path) -> Mapping[str, Any]:
     try:
         data = tomllib.loads(file.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
         raise ConfigError(f"{file}: not valid TOML: {err}") from None
     except OSError as err:
         raise ConfigError(f"{file}: cannot read: {err.strerror}") from None
-    return _parse(file, data)
+    _parse(file, data)  # each file on its own first, so that an error names the file it is in
+    return data
 
 
 def _parse(file: Path, data: Mapping[str, Any]) -> Config:
+    clusters = _clusters(file, data)
+    profiles = {name: _parse_profile(file, name, body) for name, body in clusters.items()}
+    default = data.get("default")
+    if default is not None and not isinstance(default, str):
+        raise ConfigError(f"{file}: 'default' must be a profile name")
+    return Config(path=file, profiles=profiles, default=default, exists=True, files_read=(file,))
+
+
+def _clusters(file: Path, data: Mapping[str, Any]) -> Mapping[str, Any]:
     for key in data:
         if key not in ("default", "clusters"):
             raise ConfigError(f"{file}: unknown top-level key {key!r}", hint="valid: default, clusters")
     clusters = data.get("clusters", {})
     if not isinstance(clusters, dict):
         raise ConfigError(f"{file}: 'clusters' must be a table of [clusters.NAME] sections")
-    profiles = {name: _parse_profile(file, name, body) for name, body in clusters.items()}
-    default = data.get("default")
-    if default is not None:
-        if not isinstance(default, str):
-            raise ConfigError(f"{file}: 'default' must be a profile name")
-        if default not in profiles and default not in (BUILTIN_LOCAL, BUILTIN_SLURM):
-            raise ConfigError(
-                f"{file}: default profile {default!r} is not defined",
-                hint="defined: " + ", ".join(sorted(profiles))
-                if profiles
-                else "add a [clusters.NAME] section",
-            )
-    return Config(path=file, profiles=profiles, default=default, exists=True)
+    return clusters
 
 
-def _parse_profile(file: Path, name: str, body: Any) -> Profile:
+def _merge(file: Path, site: Path | None, layers: list[tuple[Path, Mapping[str, Any]]]) -> Config:
+    """The layers (site first, then the user's) as one config: later keys win, profile by profile."""
+    bodies: dict[str, dict[str, Any]] = {}
+    origins: dict[str, list[Path]] = {}
+    default: str | None = None
+    default_from = file
+    for layer_file, data in layers:
+        for name, body in _clusters(layer_file, data).items():
+            bodies.setdefault(name, {}).update(body)
+            origins.setdefault(name, []).append(layer_file)
+        if data.get("default") is not None:
+            default, default_from = data["default"], layer_file
+    profiles = {
+        name: _parse_profile(origins[name][-1], name, body, source=" + ".join(map(str, origins[name])))
+        for name, body in bodies.items()
+    }
+    if default is not None and default not in profiles and default not in (BUILTIN_LOCAL, BUILTIN_SLURM):
+        raise ConfigError(
+            f"{default_from}: default profile {default!r} is not defined",
+            hint="defined: " + ", ".join(sorted(profiles)) if profiles else "add a [clusters.NAME] section",
+        )
+    return Config(
+        path=file,
+        profiles=profiles,
+        default=default,
+        exists=file.exists(),
+        site_path=site,
+        files_read=tuple(layer_file for layer_file, _ in layers),
+    )
+
+
+def _parse_profile(file: Path, name: str, body: Any, *, source: str | None = None) -> Profile:
     where = f"{file}: [clusters.{name}]"
     if not isinstance(body, dict):
         raise ConfigError(f"{where} must be a table")
@@ -244,7 +307,7 @@ def _parse_profile(file: Path, name: str, body: Any) -> Profile:
     for key, kind in (("scheduler", SchedulerKind), ("tunnel", TunnelMode)):
         if key in connection:
             connection[key] = choice(kind, key, connection[key], where)
-    profile = Profile(name=name, job=job, source=str(file), **connection)
+    profile = Profile(name=name, job=job, source=source or str(file), **connection)
     check_profile(profile, where)
     return profile
 
@@ -279,15 +342,18 @@ def check_profile(profile: Profile, where: str = "") -> None:
             raise ConfigError(prefix + err.message, hint=err.hint) from None
 
 
-def _warn_if_readable_by_others(file: Path) -> None:
+def _warn_if_exposed(file: Path, *, shared: bool = False) -> None:
+    """A user's file should be theirs alone; a ``shared`` (site) file is read by all, written by root only."""
     try:
         mode = file.stat().st_mode
     except OSError:
         return
     if mode & (stat.S_IWGRP | stat.S_IWOTH):
         problem = "writable by other users"
-    elif mode & stat.S_IROTH:
+    elif mode & stat.S_IROTH and not shared:
         problem = "readable by other users"
     else:
         return
-    warnings.warn(f"{file} is {problem}; run: chmod 600 {file}", HpclaunchWarning, stacklevel=3)
+    what = f"site config {file}" if shared else str(file)
+    fix = f"chmod {'644' if shared else '600'} {file}"
+    warnings.warn(f"{what} is {problem}; run: {fix}", HpclaunchWarning, stacklevel=3)

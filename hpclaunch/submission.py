@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -42,6 +43,13 @@ FeatureDefaults = Mapping[str, Any] | Callable[[Mapping[str, Any]], Mapping[str,
 #: Job parameters holding paths that the cluster side expands (``~`` is the remote home).
 _PATH_PARAMS = ("venv", "output", "error", "conda_env")
 SCRIPT_NAME = "job.sbatch"
+#: How :meth:`Submitter.new_run_dir` names a run directory: NAME-YYYYmmdd-HHMMSS-6 hex digits.
+_RUN_DIR_NAME = re.compile(r"^[A-Za-z0-9_.-]+-\d{8}-\d{6}-[0-9a-f]{6}$")
+
+
+def is_run_dir_name(name: str) -> bool:
+    """Whether ``name`` is a run directory's name as hpclaunch makes them (clean removes nothing else)."""
+    return bool(_RUN_DIR_NAME.match(name))
 
 
 @dataclass(frozen=True)
@@ -178,10 +186,18 @@ class Submitter:
 
     def remove_run_dir(self, run_dir: str) -> None:
         """Delete a run directory made by hpclaunch (refuses anything outside the work directory)."""
+        self.remove_run_dirs([run_dir])
+
+    def remove_run_dirs(self, run_dirs: Sequence[str]) -> None:
+        """Delete run directories, many per ``rm``; refuses all if any is not directly under the work
+        directory."""
         base = self.transport.expand(self.profile.workdir).rstrip("/") + "/"
-        if not run_dir.startswith(base) or "/../" in run_dir:
-            raise ParameterError(f"refusing to delete {run_dir}: not a run directory under {base}")
-        self.transport.run(["rm", "-rf", "--", run_dir], timeout=60)
+        for run_dir in run_dirs:
+            rest = run_dir[len(base) :] if run_dir.startswith(base) else ""
+            if not rest or "/" in rest.rstrip("/") or rest in (".", ".."):
+                raise ParameterError(f"refusing to delete {run_dir}: not a run directory under {base}")
+        for start in range(0, len(run_dirs), 200):
+            self.transport.run(["rm", "-rf", "--", *run_dirs[start : start + 200]], timeout=300)
 
     # --- the one submit path -------------------------------------------------------------------
 

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
 
 #: Files a finished run leaves in its run directory, brought back by ``fetch``.
 RESULT_FILES = ("metrics.csv", "plot.png", "model.pt", "checkpoint.pt")
+#: Where a run's code is staged inside its run directory (it also marks the directory as a training run).
+CODE_DIR = "code"
 
 
 @dataclass(frozen=True)
@@ -132,7 +134,7 @@ def submit(
     run_dir = cluster.new_run_dir(job["job_name"])
     context = {
         "train": {
-            "script": posixpath.join(run_dir, "code", script.name),
+            "script": posixpath.join(run_dir, CODE_DIR, script.name),
             "args": list(script_args),
             "python": options.python or default_python(cluster),
             "signal_lead": options.signal_lead,
@@ -140,7 +142,7 @@ def submit(
         }
     }
     prepared = cluster.prepare("train", job, run_dir=run_dir, context=context)
-    return cluster.submit_prepared(prepared, files={path: f"code/{path.name}" for path in files})
+    return cluster.submit_prepared(prepared, files={path: f"{CODE_DIR}/{path.name}" for path in files})
 
 
 def fetch(

@@ -103,6 +103,13 @@ def dev_cluster() -> DevCluster:
 
 
 @pytest.fixture(autouse=True)
+def _no_site_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A machine's /etc/hpclaunch/config.toml must not change what the tests see (unless a test sets one)."""
+    if "HPCLAUNCH_SITE_CONFIG" not in os.environ:
+        monkeypatch.setenv("HPCLAUNCH_SITE_CONFIG", "")
+
+
+@pytest.fixture(autouse=True)
 def _require_dev_cluster_for_cluster_tests(request: pytest.FixtureRequest) -> None:
     """Every test marked ``cluster`` needs the dev cluster, whether or not it asks for the fixture."""
     if request.node.get_closest_marker("cluster") is not None:

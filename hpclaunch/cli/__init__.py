@@ -34,6 +34,7 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "stop": ("jupyter:stop", "End running notebooks."),
     "train": ("train", "Run a bundled training job or your own script on the allocated GPUs."),
     "fetch": ("train:fetch", "Copy a training run's metrics, plot and checkpoint back."),
+    "clean": ("clean", "Remove the run directories of finished jobs (home quotas)."),
 }
 
 
@@ -82,7 +83,8 @@ Shell completion (bash): eval "$(_HPCLAUNCH_COMPLETE=bash_source hpclaunch)"
     envvar="HPCLAUNCH_CONFIG",
     show_envvar=True,
     type=click.Path(dir_okay=False),
-    help="Config file (default: config.toml in the hpclaunch app directory).",
+    help="Your config file (default: config.toml in the hpclaunch app directory); read after the site's "
+    "/etc/hpclaunch/config.toml (HPCLAUNCH_SITE_CONFIG), which it overrides.",
 )
 @click.option(
     "--host",

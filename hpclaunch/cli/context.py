@@ -6,6 +6,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..cluster import Cluster
+    from ..config import Config
 
 
 class AppContext:
@@ -13,6 +14,15 @@ class AppContext:
         self.debug = debug
         self.options = options
         self._cluster: Cluster | None = None
+        self._config: Config | None = None
+
+    def config(self) -> Config:
+        """The config files (the site's and the user's), read once per invocation."""
+        if self._config is None:
+            from ..config import load
+
+            self._config = load(self.options.get("config_path"))
+        return self._config
 
     def cluster(self) -> Cluster:
         """The cluster of the chosen profile; its connection opens on first use and closes at exit."""
@@ -21,8 +31,7 @@ class AppContext:
 
             o = self.options
             self._cluster = Cluster(
-                o.get("profile"),
-                config=o.get("config_path"),
+                self.config().profile(o.get("profile")),
                 host=o.get("host"),
                 user=o.get("user"),
                 port=o.get("port"),

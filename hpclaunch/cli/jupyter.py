@@ -152,11 +152,13 @@ def sessions(app_ctx: AppContext, as_json: bool) -> None:
     import json
 
     from ..jupyter import records
-    from ..jupyter.session import JOB_PREFIX
+    from ..jupyter.session import JOB_PREFIX, forget_ended
 
     cluster = app_ctx.cluster()
-    jobs = cluster.jobs(name_prefix=JOB_PREFIX)
+    everything = cluster.jobs()  # all of them: a notebook may have been given another --job-name
+    jobs = [job for job in everything if (job.name or "").startswith(JOB_PREFIX)]
     known = {r["job_id"]: r for r in records.load() if r.get("profile") == cluster.profile.name}
+    forget_ended(cluster, everything)  # ended notebooks: their run directories and records go
     rows = []
     for job in jobs:
         info = job.last_info
@@ -187,13 +189,12 @@ def sessions(app_ctx: AppContext, as_json: bool) -> None:
 @click.argument("job_ids", nargs=-1, required=True)
 @click.pass_obj
 def stop(app_ctx: AppContext, job_ids: tuple[str, ...]) -> None:
-    """End the notebooks JOB_IDS (cancels their jobs)."""
-    from ..jupyter import records
+    """End the notebooks JOB_IDS (cancels their jobs and removes their run directories)."""
+    from ..jupyter.session import stop as stop_notebook
 
     cluster = app_ctx.cluster()
     for job_id in job_ids:
-        cluster.job(job_id).cancel()
-        records.remove(job_id, cluster.profile.name)
+        stop_notebook(cluster, job_id)
         say(f"stopped notebook job {job_id}")
 
 

@@ -135,6 +135,7 @@ class Session:
         ``give_up_after`` seconds (the error names the cause; the job may still run).
         """
         ended: JobInfo | None = None
+        details: str | None = None
         try:  # from the first line on: a Ctrl-C anywhere here still cleans up
             if record:
                 records.add(
@@ -155,13 +156,16 @@ class Session:
             with no_interrupts():
                 with contextlib.suppress(HpclaunchError):
                     self.close(cancel=not keep and ended is None)
+                if ended is not None:
+                    details = self.job.log_tail(secret=self.token)  # before its directory goes
+                if ended is not None or not keep:
+                    # The job is over: its run directory (token, log) would only count against a quota.
+                    remove_notebook_dir(self.cluster, self.job.run_dir)
                 if record and (ended is not None or not keep):
                     with contextlib.suppress(OSError):
                         records.remove(self.job.id, self.cluster.profile.name)
         if ended is not None:
-            raise JupyterError(
-                f"notebook job {ended.describe()} ended", details=self.job.log_tail(secret=self.token)
-            )
+            raise JupyterError(f"notebook job {ended.describe()} ended", details=details)
 
     def _watch(self, check_every: float, give_up_after: float) -> JobInfo:
         """Poll the job until it ends; a cluster that stays unreachable is an error, not a hang."""
@@ -227,6 +231,54 @@ def start(
         with no_interrupts(), contextlib.suppress(HpclaunchError):
             job.cancel()
         raise
+
+
+def remove_notebook_dir(cluster: Submitter, run_dir: str | None) -> bool:
+    """Delete a notebook's run directory (one holding its token file; anything else is left alone).
+    Returns whether it was removed; a failure is not an error (``hpclaunch clean`` catches up)."""
+    if not run_dir:
+        return False
+    try:
+        if not cluster.transport.exists(f"{run_dir}/{TOKEN_FILE}"):
+            return False
+        cluster.remove_run_dir(run_dir)
+    except HpclaunchError:
+        return False
+    return True
+
+
+def stop(cluster: Submitter, job_id: str) -> None:
+    """End a notebook: cancel its job, remove its run directory and this machine's record of it."""
+    job = cluster.job(job_id)
+    record = next(
+        (r for r in records.load() if r.get("job_id") == job.id and r.get("profile") == cluster.profile.name),
+        {},
+    )
+    job.cancel()
+    run_dir = record.get("run_dir")
+    if not run_dir:
+        with contextlib.suppress(HpclaunchError):
+            run_dir = job.info().work_dir
+    remove_notebook_dir(cluster, run_dir)
+    records.remove(job.id, cluster.profile.name)
+
+
+def forget_ended(cluster: Submitter, jobs: list[Job]) -> list[str]:
+    """Notebooks that ended (no longer queued, or in a final state): remove their run directories and
+    this machine's records of them. ``jobs`` is the queue's listing of ALL the user's jobs (a record
+    missing from it has ended); only directories holding a notebook's token file go. Returns the ids."""
+    profile = cluster.profile.name
+    queued = {j.id: j for j in jobs}
+    ended: dict[str, str | None] = {
+        j.id: j.last_info.work_dir for j in jobs if j.last_info is not None and j.last_info.is_terminal
+    }
+    for r in records.load():
+        if r.get("profile") == profile and (r.get("job_id") not in queued or r.get("job_id") in ended):
+            ended[str(r.get("job_id"))] = r.get("run_dir") or ended.get(str(r.get("job_id")))
+    for job_id, run_dir in ended.items():
+        remove_notebook_dir(cluster, run_dir)
+        records.remove(job_id, profile)
+    return sorted(ended)
 
 
 def template_context(cluster: Submitter, options: JupyterOptions, run_dir: str) -> dict[str, Any]:

@@ -61,3 +61,20 @@ def hpclaunch_argv(*args: str) -> list[str]:
 
 def run_hpclaunch(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(hpclaunch_argv(*args), env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def profile_env(dev: DevCluster, tmp_path: Path, *, extra: str = "") -> dict[str, str]:
+    """The CLI's environment for a profile `p` on the dev cluster (over SSH) with ``extra`` TOML lines,
+    and this test's own local state."""
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f'default = "p"\n[clusters.p]\nhost = "{dev.ssh_alias}"\nssh_config = "{dev.ssh_config}"\n'
+        f'partition = "{dev.partition}"\n{extra}'
+    )
+    path.chmod(0o600)
+    return {
+        **os.environ,
+        "HPCLAUNCH_CONFIG": str(path),
+        "XDG_STATE_HOME": str(tmp_path / "state"),
+        "PYTHONUNBUFFERED": "1",
+    }

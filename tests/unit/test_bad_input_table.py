@@ -74,6 +74,8 @@ BASE: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "status": (("status",), ()),
     "sessions": (("sessions",), ()),
     "config show": (("config", "show"), ()),
+    "config path": (("config", "path"), ()),
+    "clean": (("clean",), ()),
 }
 
 NO_VALUE = "does not take a value"
@@ -120,6 +122,10 @@ OPTION_BAD: dict[tuple[str, str], tuple[str | None, str]] = {
     ("status", "--json"): (None, NO_VALUE),
     ("sessions", "--json"): (None, NO_VALUE),
     ("config show", "--json"): (None, NO_VALUE),
+    ("config path", "--site"): (None, NO_VALUE),
+    ("clean", "--older-than"): ("a week", "is not an age"),
+    ("clean", "--dry-run"): (None, NO_VALUE),
+    ("clean", "--results"): (None, NO_VALUE),
 }
 
 #: (command, argument) -> (full argv, expected fragment)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -128,3 +129,20 @@ def test_cancel_checks_every_id_before_cancelling_any(local_config: dict[str, st
         assert '"RUNNING"' in status.stdout or '"PENDING"' in status.stdout, status.stdout
     finally:
         run_cli("cancel", job_id, env=local_config, cwd=tmp_path)
+
+
+def test_config_show_says_which_files_were_read_and_how_a_site_sets_defaults(tmp_path: Path) -> None:
+    site = tmp_path / "site.toml"
+    site.write_text('default = "c"\n[clusters.c]\nhost = "login"\npartition = "gpu"\n')
+    user = tmp_path / "config.toml"
+    user.write_text('[clusters.c]\npartition = "debug"\n')
+    user.chmod(0o600)
+    env = {"HPCLAUNCH_CONFIG": str(user), "HPCLAUNCH_SITE_CONFIG": str(site)}
+    text = run_cli("config", "show", env=env)
+    assert text.returncode == 0, text.stderr
+    assert f"# files read: {site}, {user}" in text.stdout
+    assert "An admin sets defaults for everyone in" in text.stdout and 'partition = "debug"' in text.stdout
+    data = json.loads(run_cli("config", "show", "--json", env=env).stdout)
+    assert data["files_read"] == [str(site), str(user)] and data["site_config"] == str(site)
+    assert data["host"] == "login" and data["partition"] == "debug"
+    assert "HPCLAUNCH_SITE_CONFIG" in run_cli("config", "show", "--help").stdout

@@ -130,3 +130,64 @@ def test_undefined_variable_is_a_clear_error(tmp_path: Path) -> None:
 def test_missing_template_dir_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(TemplateError, match="does not exist"):
         Renderer(tmp_path / "missing")
+
+
+# --- the setup block, run for real by bash (a stand-in `module` / `conda` where the real one is absent) ---
+
+
+def run_setup(tmp_path: Path, *, env: dict[str, str], **job: object) -> subprocess.CompletedProcess[str]:
+    script = tmp_path / "job.sbatch"
+    script.write_text(cluster().render("run", command=["echo", "COMMAND-RAN"], run_dir=str(tmp_path), **job))
+    base = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8"}
+    return subprocess.run(
+        ["bash", str(script)], cwd=tmp_path, env={**base, **env}, capture_output=True, text=True, timeout=30
+    )
+
+
+def stand_in(tmp_path: Path, body: str) -> dict[str, str]:
+    """Functions defined before the script runs, as a login environment would have them (BASH_ENV)."""
+    (tmp_path / "env.sh").write_text(body)
+    return {"BASH_ENV": str(tmp_path / "env.sh")}
+
+
+def test_a_module_that_fails_to_load_ends_the_job_with_its_message(tmp_path: Path) -> None:
+    env = stand_in(
+        tmp_path, 'module() { echo "Lmod has detected the following error: unknown: $2" >&2; return 1; }\n'
+    )
+    result = run_setup(tmp_path, env=env, modules=["nope/1.0"])
+    assert result.returncode != 0
+    assert "Lmod has detected the following error: unknown: nope/1.0" in result.stderr
+    assert "COMMAND-RAN" not in result.stdout
+
+
+def test_a_module_function_already_defined_is_used_as_it_is(tmp_path: Path) -> None:
+    env = stand_in(tmp_path, 'module() { echo "module $*"; }\n')
+    result = run_setup(tmp_path, env=env, modules=["cuda/12.4", "gcc"])
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1:] == ["module load cuda/12.4", "module load gcc", "COMMAND-RAN"]
+
+
+def test_conda_env_without_conda_is_one_line_error(tmp_path: Path) -> None:
+    result = run_setup(tmp_path, env={}, conda_env="torch")
+    assert result.returncode == 1
+    assert "COMMAND-RAN" not in result.stdout
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("hpclaunch: error: no conda found on ")
+    assert lines[0].endswith("cannot activate torch")
+
+
+def test_conda_env_runs_the_shell_hook_before_activate(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "conda" / "bin"
+    bin_dir.mkdir(parents=True)
+    fake = bin_dir / "conda"
+    # What `conda shell.bash hook` prints, reduced: it defines the `conda` shell function.
+    fake.write_text(
+        "#!/bin/bash\n"
+        '[ "$1 $2" = "shell.bash hook" ] || exit 3\n'
+        'echo \'conda() { echo "conda $*"; export CONDA_DEFAULT_ENV="$2"; }\'\n'
+    )
+    fake.chmod(0o755)
+    result = run_setup(tmp_path, env={"CONDA_EXE": str(fake)}, conda_env="torch env")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[1:] == ["conda activate torch env", "COMMAND-RAN"]
