@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from hpclaunch.errors import WaitTimeout
 from hpclaunch.states import JobInfo
 
-#: Called with a job's new info whenever its state or reason changes during a wait.
+#: Called with a job's new info whenever its state, reason or estimated start changes during a wait.
 UpdateCallback = Callable[[JobInfo], None]
 
 
@@ -153,13 +153,16 @@ def wait_for(
                 continue
             before = last.get(job_id)
             last[job_id] = info
-            if on_update is not None and (
-                before is None or (before.state, before.reason) != (info.state, info.reason)
-            ):
+            if on_update is not None and (before is None or _news(before) != _news(info)):
                 on_update(info)
         if not waiting():
             break
     return {job_id: last[job_id] for job_id in ids}
+
+
+def _news(info: JobInfo) -> tuple[object, ...]:
+    """What a waiting user is told about when it changes (a refreshed estimate included)."""
+    return info.state, info.reason, info.estimated_start
 
 
 def _timeout_error(

@@ -226,6 +226,18 @@ class JobInfo:
         """Slurm's estimate of when a pending job will start, when it has made one."""
         return self.start_time if self.state.phase is Phase.PENDING else None
 
+    def waiting_line(self) -> str:
+        """What a user waiting on the job wants to read: ``job 124 pending (Priority), estimated start
+        2026-12-01 14:02`` while it waits, else :meth:`describe`."""
+        if self.state.phase is not Phase.PENDING:
+            return f"job {self.describe()}"
+        text = f"job {self.job_id} pending"
+        if self.reason:
+            text += f" ({self.reason})"
+        if self.estimated_start:
+            text += f", estimated start {self.estimated_start:%Y-%m-%d %H:%M}"
+        return text
+
     def describe(self) -> str:
         """A short human line: ``123 RUNNING on node1`` or ``124 PENDING (Resources)``."""
         text = f"{self.job_id} {self.state.value}"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import sys
 
-from ..console import no_interrupts, say
+from ..console import StatusLine, no_interrupts, say
 from ..errors import CannotRun, HpclaunchError, JobFailed
 from ..job import Job
 
@@ -23,7 +23,8 @@ def follow_job(job: Job, *, stream: bool = True, owner: bool = False) -> None:
                 sys.stdout.flush()
             info = job.info()
         else:
-            info = job.wait()
+            with StatusLine() as line:
+                info = job.wait(on_update=lambda news: line.update(news.waiting_line()))
     except KeyboardInterrupt:
         if owner:
             with no_interrupts(), contextlib.suppress(HpclaunchError):

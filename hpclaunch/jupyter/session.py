@@ -375,7 +375,7 @@ def wait_for_server(
                     f"({info.reason or 'no reason given'})",
                     hint="the job is cancelled; try a smaller request or a later time",
                 )
-            status(_pending_line(info))
+            status(info.waiting_line())
         else:
             status(f"job {job.id}: {info.state.value}")
     raise AssertionError("unreachable: the poller has no deadline")
@@ -482,12 +482,3 @@ def wait_for_http(local_port: int, base_url: str, token: str, *, timeout: float)
             last_error.append(err)
             del last_error[:-1]
     raise AssertionError("unreachable: the poller raises at its deadline")
-
-
-def _pending_line(info: JobInfo) -> str:
-    text = f"job {info.job_id} pending"
-    if info.reason:
-        text += f" ({info.reason})"
-    if info.estimated_start:
-        text += f", estimated start {info.estimated_start:%Y-%m-%d %H:%M}"
-    return text

@@ -142,3 +142,23 @@ def test_the_polling_budget_bounds_every_wait() -> None:
 def test_cannot_run_is_a_submission_refusal() -> None:
     err = CannotRun("partition debug has 2 nodes; asked for 5: give fewer --nodes")
     assert err.exit_code == 4 and "\n" not in err.one_line()
+
+
+def test_a_refreshed_estimate_is_news_while_waiting() -> None:
+    estimates = iter(
+        [datetime(2026, 12, 1, 14, 2), datetime(2026, 12, 1, 14, 2), datetime(2026, 12, 1, 14, 40)]
+    )
+    rounds = iter([JobState.PENDING, JobState.PENDING, JobState.PENDING, JobState.COMPLETED])
+
+    def states(ids: list[str]) -> dict[str, JobInfo]:
+        state = next(rounds)
+        start = next(estimates) if state is JobState.PENDING else None
+        return {i: JobInfo(i, state, "squeue", reason="Priority", start_time=start) for i in ids}
+
+    told: list[str] = []
+    wait_for(states, ["9"], on_update=lambda info: told.append(info.waiting_line()), sleep=lambda _s: None)
+    assert told == [
+        "job 9 pending (Priority), estimated start 2026-12-01 14:02",
+        "job 9 pending (Priority), estimated start 2026-12-01 14:40",
+        "job 9 COMPLETED (Priority)",
+    ]
