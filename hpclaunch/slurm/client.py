@@ -2,6 +2,10 @@
 
 Every command goes through ``transport.run`` with an argv list. Queries batch every id into one call per
 tool, and a controller that does not answer yields UNKNOWN states, never a made-up failure.
+
+Longer than most modules on purpose: it is the one choke point for every Slurm command hpclaunch runs
+(sbatch, squeue, scontrol, sacct, scancel, sinfo), each with its retry rule and its error mapping, so
+they read side by side; the parsing lives in ``parse.py`` and ``request.py``.
 """
 
 from __future__ import annotations
