@@ -112,7 +112,8 @@ def test_script_submission_with_flag_overrides(cluster: Cluster, tmp_path: Path)
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
-        (["submit", "run", "--partition", "nope", "--", "true"], "invalid partition"),
+        (["submit", "run", "--partition", "nope", "--", "true"], "there is no partition 'nope'"),
+        (["submit", "run", "--no-preflight", "--partition", "nope", "--", "true"], "invalid partition"),
         (["--port", "2299", "submit", "run", "--", "true"], "connection refused"),
     ],
 )

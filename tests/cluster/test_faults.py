@@ -240,6 +240,8 @@ def timeout_run(request: pytest.FixtureRequest) -> Iterator[Cli | None]:
         "submit",
         "run",
         "--wait",
+        # Queued whatever the nodes' state at this moment: the other tests here take them down and up.
+        "--no-preflight",
         "--time",
         "1",
         "--job-name",
@@ -468,7 +470,8 @@ def test_cli_rides_out_transient_errors_and_reports_permanent_ones(shim: SlurmSh
     shim.install("sbatch", fail=2, message=SBATCH_UNREACHABLE)
     shim.install("squeue", fail=2, message=SOCKET_TIMEOUT)
     ok = subprocess.run(
-        hpclaunch_argv("submit", "run", "--wait", "--", "echo", "cli-ok"),
+        # Without the preflight: its own sbatch --test-only would add to the count of sbatch calls.
+        hpclaunch_argv("submit", "run", "--no-preflight", "--wait", "--", "echo", "cli-ok"),
         env=env,
         capture_output=True,
         text=True,
@@ -484,7 +487,7 @@ def test_cli_rides_out_transient_errors_and_reports_permanent_ones(shim: SlurmSh
 
     before = shim.calls("sbatch")
     bad = subprocess.run(
-        hpclaunch_argv("submit", "run", "--partition", "nosuchpartition", "--", "true"),
+        hpclaunch_argv("submit", "run", "--no-preflight", "--partition", "nosuchpartition", "--", "true"),
         env=env,
         capture_output=True,
         text=True,
