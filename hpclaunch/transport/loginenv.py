@@ -107,14 +107,15 @@ class LoginEnv:
     ) -> str:
         """The remote command string for ``argv`` (``env`` added on top): THE hook of an SSH transport.
 
-        ``key`` identifies the live connection (the same object while it lasts, a new one after a
-        reconnect: a new connection may land on another login node); ``capture`` runs a raw string on it.
+        ``key`` identifies the live connection: equal while it lasts, different after a reconnect (a new
+        connection may land on another login node), e.g. the connection object or a ControlMaster's pid.
+        ``capture`` runs a raw string on it.
         Call it where argv becomes a string, just before the command is sent.
         """
         if not self.enabled:
             return plain_command(argv, env)
         with self._lock:
-            if self._env is None or key is not self._key:
+            if self._env is None or key != self._key:
                 self._capture(key, capture)
             if not self.enabled:
                 return plain_command(argv, env)
