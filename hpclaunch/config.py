@@ -91,6 +91,9 @@ class Profile:
     identity_file: str | None = None
     ssh_config: str | None = None
     accept_new_host_key: bool = False
+    #: Over SSH, run commands in the environment of the user's login shell there (profile.d, modules);
+    #: false for sites that need a plain shell. Locally the process environment is already the login one.
+    login_shell: bool = True
     scheduler: SchedulerKind = SchedulerKind.SLURM
     workdir: str = "~/hpclaunch"
     template_dir: str | None = None
@@ -130,6 +133,7 @@ _CONNECTION_KEYS: dict[str, type | tuple[type, ...]] = {
     "identity_file": str,
     "ssh_config": str,
     "accept_new_host_key": bool,
+    "login_shell": bool,
     "scheduler": str,
     "workdir": str,
     "template_dir": str,

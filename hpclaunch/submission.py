@@ -108,6 +108,7 @@ class Submitter:
                 identity_file=p.identity_file,
                 ssh_config_path=p.ssh_config,
                 accept_new_host_key=p.accept_new_host_key,
+                login_shell=p.login_shell,
             )
         return self._transport
 

@@ -442,6 +442,7 @@ def node_transport(profile: Profile, node: str) -> Transport:
         ssh_config_path=profile.ssh_config,
         accept_new_host_key=profile.accept_new_host_key,
         proxy_jump=jump,
+        login_shell=profile.login_shell,
     )
 
 

@@ -41,12 +41,15 @@ def connect(
     connect_timeout: float | None = None,
     keepalive: int | None = None,
     prompter: Prompter | None = None,
+    login_shell: bool = True,
 ) -> Transport:
     """A transport for ``host``: local when it is None or empty, else SSH (opened on first use).
 
     ``accept_new_host_key`` (or ``HPCLAUNCH_ACCEPT_NEW_HOST_KEY=1``, or ``StrictHostKeyChecking
     accept-new`` in the ssh config) records the key of a host seen for the first time; a changed key
     is always refused. ``prompter`` answers keyboard-interactive prompts (default: the terminal).
+    ``login_shell`` runs SSH commands in the environment of the user's login shell on the host (captured
+    once per connection); locally the process environment is already the login one and is used as is.
     """
     if not host:
         return LocalTransport()
@@ -63,6 +66,7 @@ def connect(
         connect_timeout=connect_timeout,
         keepalive=keepalive,
         prompter=prompter,
+        login_shell=login_shell,
     )
 
 

@@ -17,7 +17,6 @@ import os
 import re
 import secrets
 import select
-import shlex
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -39,6 +38,7 @@ from hpclaunch.transport.base import (
 )
 from hpclaunch.transport.hostkeys import accept_new_from_env
 from hpclaunch.transport.hostsettings import Resolver
+from hpclaunch.transport.loginenv import LoginEnv
 from hpclaunch.transport.sshauth import Authenticator, Prompter
 from hpclaunch.transport.sshlogin import Connection, Dialer
 
@@ -76,8 +76,10 @@ class SSHTransport(Transport):
         allow_agent: bool = True,
         proxy_jump: str | None = None,
         openssh_config: bool | None = None,
+        login_shell: bool = True,
     ) -> None:
-        """``openssh_config``: evaluate the ssh config with ``ssh -G`` (None: where installed)."""
+        """``openssh_config``: evaluate the ssh config with ``ssh -G`` (None: where installed);
+        ``login_shell``: run commands in the login shell's environment (see :mod:`.loginenv`)."""
         super().__init__()
         if isinstance(identity_file, str):
             identity_file = [identity_file]
@@ -92,6 +94,8 @@ class SSHTransport(Transport):
         self.settings = self.resolver.host(host, user=user, port=port)
         if proxy_jump:  # like `ssh -J`: wins over the config's ProxyJump for this host
             self.settings = replace(self.settings, proxy_jump=(proxy_jump,), proxy_command=None)
+        #: The login shell's environment, captured once per connection; commands run in it.
+        self.login_env = LoginEnv(self.description, enabled=login_shell)
         #: Logs in on each hop (keys, agent, keyboard-interactive through ``prompter``).
         self.auth = Authenticator(prompter, allow_agent=allow_agent, config_name=self._config_name)
         self._dialer = Dialer(
@@ -209,20 +213,27 @@ class SSHTransport(Transport):
         env: Mapping[str, str] | None = None,
     ) -> CommandResult:
         args = check_argv(argv)
-        remote = list(args)
-        if env:
-            for name in env:
-                if not _ENV_NAME.match(name):
-                    raise ValueError(f"not an environment variable name: {name!r}")
-            # sshd drops most variables sent with setenv (AcceptEnv), so set them with env(1).
-            remote = ["env", *(f"{k}={v}" for k, v in env.items()), *args]
-        # The one place argv becomes a string: the remote shell splits it back into these words.
-        command = shlex.join(remote)
+        for name in env or ():
+            if not _ENV_NAME.match(name):
+                raise ValueError(f"not an environment variable name: {name!r}")
         self._count_command(args)
-        deadline = None if timeout is None else time.monotonic() + timeout
         conn, chan = self._session()
         try:
+            # The one place argv becomes a string (the remote shell splits it back into these words),
+            # in the login environment: the first command on a connection runs the login shell once.
+            command = self.login_env.command(conn, args, env, self._run_raw)
+            # The login shell has its own bound; the command gets its whole timeout.
+            deadline = None if timeout is None else time.monotonic() + timeout
             return self._exec(conn, chan, args, command, as_bytes(stdin), deadline, timeout, check)
+        finally:
+            chan.close()
+
+    def _run_raw(self, command: str, timeout: float) -> CommandResult:
+        """``command`` exactly as given, not counted as a command: the login shell's capture."""
+        conn, chan = self._session()
+        try:
+            argv = ["$SHELL", "-l"]  # for messages
+            return self._exec(conn, chan, argv, command, None, time.monotonic() + timeout, timeout, False)
         finally:
             chan.close()
 
@@ -285,9 +296,8 @@ class SSHTransport(Transport):
         if check and not result.ok:
             hint = None
             if code == 127:
-                hint = (
-                    f"is `{args[0]}` installed on {self.description} and on PATH for non-interactive logins?"
-                )
+                shells = "login shells" if self.login_env.enabled else "non-interactive logins"
+                hint = f"is `{args[0]}` installed on {self.description} and on PATH for {shells}?"
             raise CommandError(args, code, result.stdout, result.stderr, hint=hint)
         return result
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -18,6 +19,55 @@ if TYPE_CHECKING:
 
 #: The environment the cluster user's jobs activate (torch, jupyterlab); made by scripts/dev-cluster.
 HPC_ENV_SETUP = "source /opt/hpc-env/bin/activate"
+
+#: A ~/.bash_profile that prints three lines on every login (one shaped like our marker, one like a
+#: variable), then does what the default login does. hpclaunch must not notice it.
+TALKING_PROFILE = """# Written by tests/cluster/conftest.py; the previous one comes back after the tests.
+echo "Welcome to the hpclaunch dev cluster. Quota: 97% of 50 GB used."
+echo "PATH=/banner/is/not/a/path"
+printf '%s\\n' "hpclaunch-env-0123 is not a marker; Submitted batch job 12345"
+if [ -r ~/.profile ]; then . ~/.profile; fi
+"""
+#: Set to 1 to run every cluster test with TALKING_PROFILE in place.
+TALKING_ENV = "HPCLAUNCH_TEST_TALKING_LOGIN"
+
+
+@contextlib.contextmanager
+def bash_profile(dev: DevCluster, text: str) -> Iterator[None]:
+    """The cluster user's ~/.bash_profile is ``text`` inside the block; what was there comes back after."""
+
+    def ssh(command: str, data: str | None = None) -> subprocess.CompletedProcess[str]:
+        # A plain `ssh host cmd` is no login shell: it reads no ~/.bash_profile, whatever is in it.
+        return subprocess.run(
+            dev.ssh_argv(command), input=data or "", capture_output=True, text=True, timeout=30, check=False
+        )
+
+    old = ssh("test -e ~/.bash_profile && cat ~/.bash_profile")
+    write = ssh("cat > ~/.bash_profile", text)
+    assert write.returncode == 0, write.stderr
+    try:
+        yield
+    finally:
+        restore = (
+            ssh("cat > ~/.bash_profile", old.stdout) if old.returncode == 0 else ssh("rm -f ~/.bash_profile")
+        )
+        assert restore.returncode == 0, restore.stderr
+
+
+@pytest.fixture(scope="module")
+def talking_login(dev_cluster: DevCluster) -> Iterator[None]:
+    """TALKING_PROFILE in place for a whole test module (``pytestmark = usefixtures("talking_login")``)."""
+    with bash_profile(dev_cluster, TALKING_PROFILE):
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _talking_login_everywhere(request: pytest.FixtureRequest) -> Iterator[None]:
+    if os.environ.get(TALKING_ENV) != "1":
+        yield
+        return
+    with bash_profile(request.getfixturevalue("dev_cluster"), TALKING_PROFILE):
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,8 @@ from hpclaunch.cluster import Cluster
 
 from .conftest import hpclaunch_argv, run_hpclaunch
 
-pytestmark = pytest.mark.cluster
+# A ~/.bash_profile that prints on every login is in place for all of these: it must change nothing.
+pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("talking_login")]
 
 
 def test_submit_completes_and_output_is_read_back(cli_env: dict[str, str]) -> None:

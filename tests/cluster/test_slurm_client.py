@@ -20,7 +20,8 @@ from hpclaunch.transport.base import CommandResult
 if TYPE_CHECKING:
     from conftest import DevCluster
 
-pytestmark = pytest.mark.cluster
+# A ~/.bash_profile that prints on every login is in place for all of these: it must change nothing.
+pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("talking_login")]
 
 HEADER = "#!/bin/bash\n"
 

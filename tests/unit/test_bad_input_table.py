@@ -285,6 +285,7 @@ CONFIG_BAD: dict[str, tuple[str, str]] = {
     "identity_file": ("5", "identity_file must be a str"),
     "ssh_config": ('""', "ssh_config is empty"),
     "accept_new_host_key": ('"yes"', "accept_new_host_key must be a bool"),
+    "login_shell": ('"no"', "login_shell must be a bool"),
     "scheduler": ('"pbs"', "scheduler must be one of"),
     "workdir": ('"runs\\nhere"', "control character"),
     "template_dir": ('"/nonexistent-hpclaunch-templates"', "does not exist"),

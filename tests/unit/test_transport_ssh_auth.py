@@ -149,7 +149,8 @@ def test_key_then_one_time_code_asked_once_per_connection(mfa: tuple[MfaServer, 
         asked.append((title, instructions, list(prompts)))
         return [CODE]
 
-    with SSHTransport("mfa", ssh_config_path=str(config), prompter=prompter) as ssh:
+    # The fake server echoes commands, it has no shell to log in to: plain commands only.
+    with SSHTransport("mfa", ssh_config_path=str(config), prompter=prompter, login_shell=False) as ssh:
         for _ in range(5):
             assert ssh.run(["squeue", "--me"]).stdout == "ran squeue --me\n"
         assert asked == [("Duo", "Enter your one-time code", [("Code: ", False)])]
