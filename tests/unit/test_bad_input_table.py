@@ -76,6 +76,7 @@ BASE: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "config show": (("config", "show"), ()),
     "config path": (("config", "path"), ()),
     "clean": (("clean",), ()),
+    "forward": (("forward", "1", "8080"), ()),
 }
 
 NO_VALUE = "does not take a value"
@@ -126,6 +127,7 @@ OPTION_BAD: dict[tuple[str, str], tuple[str | None, str]] = {
     ("clean", "--older-than"): ("a week", "is not an age"),
     ("clean", "--dry-run"): (None, NO_VALUE),
     ("clean", "--results"): (None, NO_VALUE),
+    ("forward", "--wait"): ("-1", "not in the range"),
 }
 
 #: (command, argument) -> (full argv, expected fragment)
@@ -145,6 +147,10 @@ ARGUMENT_BAD: dict[tuple[str, str], tuple[tuple[str, ...], str]] = {
     ("logs", "JOB_ID"): (("logs", "1 2"), "is not a job id"),
     ("fetch", "JOB_ID"): (("fetch", "abc"), "is not a job id"),
     ("fetch", "DEST"): (("fetch", "1", "{tmp}/afile"), "is a file"),
+    ("forward", "JOB_ID"): (("forward", "1;2", "8080"), "is not a job id"),
+    ("forward", "PORTS"): (("forward", "1", "70000"), "port 70000 is out of range"),
+    ("shell", "JOB_ID"): (("shell", "x"), "is not a job id"),
+    ("shell", "COMMAND"): (("shell", "1", "--", "echo", "a\x00b"), "contains a NUL byte"),
 }
 
 #: Options that take no value to be wrong about.
@@ -290,6 +296,7 @@ CONFIG_BAD: dict[str, tuple[str, str]] = {
     "template_dir": ('"/nonexistent-hpclaunch-templates"', "does not exist"),
     "tunnel": ('"magic"', "tunnel must be one of"),
     "node_ssh_port": ("0", "node_ssh_port must be between 1 and 65535"),
+    "node_access": ('"telnet"', "node_access must be one of"),
     "poll_min": ("0", "0 < poll_min <= poll_max"),
     "poll_max": ('"fast"', "poll_max must be a number"),
     "job_name": ('""', "the job name is empty"),
