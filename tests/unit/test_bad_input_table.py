@@ -77,6 +77,8 @@ BASE: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "config path": (("config", "path"), ()),
     "clean": (("clean",), ()),
     "forward": (("forward", "1", "8080"), ()),
+    "ssh-config": (("ssh-config", "1"), ()),
+    "code": (("code",), ()),
 }
 
 NO_VALUE = "does not take a value"
@@ -128,6 +130,14 @@ OPTION_BAD: dict[tuple[str, str], tuple[str | None, str]] = {
     ("clean", "--dry-run"): (None, NO_VALUE),
     ("clean", "--results"): (None, NO_VALUE),
     ("forward", "--wait"): ("-1", "not in the range"),
+    ("ssh-config", "--remove"): (None, NO_VALUE),
+    ("ssh-config", "--access"): ("telnet", "is not one of"),
+    ("ssh-config", "--yes"): (None, NO_VALUE),
+    ("code", "--path"): ("a\nb", "control character"),
+    ("code", "--open"): (None, NO_VALUE),
+    ("code", "--access"): ("rsh", "is not one of"),
+    ("code", "--yes"): (None, NO_VALUE),
+    ("code", "--preflight"): (None, NO_VALUE),
 }
 
 #: (command, argument) -> (full argv, expected fragment)
@@ -150,6 +160,8 @@ ARGUMENT_BAD: dict[tuple[str, str], tuple[tuple[str, ...], str]] = {
     ("forward", "JOB_ID"): (("forward", "1;2", "8080"), "is not a job id"),
     ("forward", "PORTS"): (("forward", "1", "70000"), "port 70000 is out of range"),
     ("shell", "JOB_ID"): (("shell", "x"), "is not a job id"),
+    ("ssh-config", "JOB_ID"): (("ssh-config", "1;rm"), "is not a job id"),
+    ("proxy", "JOB_ID"): (("proxy", "../1"), "is not a job id"),
     ("shell", "COMMAND"): (("shell", "1", "--", "echo", "a\x00b"), "contains a NUL byte"),
 }
 
