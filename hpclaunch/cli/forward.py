@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from ..console import StatusLine, say
@@ -39,7 +41,8 @@ def command(app: AppContext, job_id: str, ports: tuple[str, ...], wait_timeout: 
     target = ntarget.running(cluster, job_id)
     transport = cluster.transport
     if wait_timeout:
-        with StatusLine() as line:
+        # On a pipe the retries are not news: only the outcome (the URLs, or one error line) is.
+        with StatusLine(enabled=sys.stderr.isatty()) as line:
             nports.wait_all(transport, target.node, specs, timeout=wait_timeout, status=line.update)
     with nports.open_forwards(transport, target.node, specs) as forwards:
         for spec, fwd in zip(specs, forwards, strict=True):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 
 import click
@@ -97,9 +99,16 @@ def proxy(app: AppContext, job_id: str) -> None:
     job_id = sshentry.check_job_id(job_id)
     cluster = app.cluster()
     target = ntarget.running(cluster, job_id)
-    try:
-        code = cluster.transport.run_attached(stepsshd.proxy_argv(cluster, target), tty=False)
-    except KeyboardInterrupt:
-        return  # ssh ends its ProxyCommand with a signal when the session is over: not an error
+    argv = stepsshd.proxy_argv(cluster, target)
+    # ssh ends its ProxyCommand with a signal once the session is over. Nothing here needs cleaning
+    # up, and a KeyboardInterrupt raised inside paramiko (holding its locks) can hang the exit: leave
+    # at once; the closed connection ends the step on the far side.
+    for sig in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _leave)
+    code = cluster.transport.run_attached(argv, tty=False)
     if code:
         click.get_current_context().exit(code if 0 < code < 256 else 1)
+
+
+def _leave(_signum: int, _frame: object) -> None:
+    os._exit(0)

@@ -92,8 +92,7 @@ def wait_listening(
     for waited in Poller(Backoff(initial=0.2, maximum=3.0, factor=1.6), timeout=timeout, on_timeout=gave_up):
         if is_listening(runner, host, port):
             return
-        if waited:
-            status(f"port {port} on {host} not listening yet ({waited:.0f} s)")
+        status(f"waiting for port {port} on {host} to listen ({waited:.0f} s)")
 
 
 @contextlib.contextmanager
