@@ -111,6 +111,7 @@ OPTION_BAD: dict[tuple[str, str], tuple[str | None, str]] = {
     ("jupyter", "--idle-timeout"): ("-1", "not in the range"),
     ("jupyter", "--queue-timeout"): ("soon", "is not a valid float"),
     ("jupyter", "--keep"): (None, NO_VALUE),
+    ("jupyter", "--forward"): ("70000", "port 70000 is out of range"),
     ("attach", "--app"): ("vscode", "is not one of"),
     ("attach", "--tunnel"): ("both", "is not one of"),
     ("attach", "--local-port"): ("-1", "not in the range"),
