@@ -70,6 +70,16 @@ class TunnelMode(str, enum.Enum):
         return self.value
 
 
+class NodeAccess(str, enum.Enum):
+    """How an SSH client (``hpclaunch ssh-config``, VS Code) reaches a job's node."""
+
+    STEP = "step"  # a job step runs an unprivileged `sshd -i` over srun's stdio: no port on the node
+    JUMP = "jump"  # ProxyJump through the login host to the node's own sshd (sites that allow it)
+
+    def __str__(self) -> str:
+        return self.value
+
+
 def choice(kind: type[enum.Enum], key: str, value: Any, where: str = "") -> Any:
     """``value`` as a member of ``kind``, or one ConfigError line listing the valid ones."""
     try:
@@ -100,6 +110,8 @@ class Profile:
     tunnel: TunnelMode = TunnelMode.DIRECT
     #: Port of the compute nodes' sshd, for tunnel mode ``node`` (None: the ssh config's, else 22).
     node_ssh_port: int | None = None
+    #: How ``hpclaunch ssh-config`` entries reach a job's node.
+    node_access: NodeAccess = NodeAccess.STEP
     #: Polling budget, seconds: the first interval of a wait and the most its backoff grows to.
     poll_min: float = 0.2
     poll_max: float = 30.0
@@ -110,6 +122,7 @@ class Profile:
         # Plain strings are accepted (TOML, Profile(scheduler="local")) and become the typed choices.
         object.__setattr__(self, "scheduler", choice(SchedulerKind, "scheduler", self.scheduler))
         object.__setattr__(self, "tunnel", choice(TunnelMode, "tunnel", self.tunnel))
+        object.__setattr__(self, "node_access", choice(NodeAccess, "node_access", self.node_access))
 
     def with_overrides(self, **changes: Any) -> Profile:
         """A copy with the non-None ``changes`` applied (flags and environment variables)."""
@@ -139,6 +152,7 @@ _CONNECTION_KEYS: dict[str, type | tuple[type, ...]] = {
     "template_dir": str,
     "tunnel": str,
     "node_ssh_port": int,
+    "node_access": str,
     "poll_min": (int, float),
     "poll_max": (int, float),
 }
@@ -308,7 +322,7 @@ def _parse_profile(file: Path, name: str, body: Any, *, source: str | None = Non
         job = validate_params(job_values)
     except ParameterError as err:
         raise ConfigError(f"{where}: {err.message}", hint=err.hint) from None
-    for key, kind in (("scheduler", SchedulerKind), ("tunnel", TunnelMode)):
+    for key, kind in (("scheduler", SchedulerKind), ("tunnel", TunnelMode), ("node_access", NodeAccess)):
         if key in connection:
             connection[key] = choice(kind, key, connection[key], where)
     profile = Profile(name=name, job=job, source=source or str(file), **connection)

@@ -128,6 +128,13 @@ class JupyterError(HpclaunchError):
     exit_code = 6
 
 
+class NodeAccessError(HpclaunchError):
+    """A job's node cannot be reached as asked: the job is not running, not yours, or a port never
+    started listening."""
+
+    exit_code = 7
+
+
 class TunnelError(TransportError):
     """A port forward could not be opened or broke."""
 

@@ -35,6 +35,11 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "Run a bundled training job or your own script on the allocated GPUs."),
     "fetch": ("train:fetch", "Copy a training run's metrics, plot and checkpoint back."),
     "clean": ("clean", "Remove the run directories of finished jobs (home quotas)."),
+    "forward": ("forward", "Tunnel local ports to ports on a running job's node."),
+    "shell": ("shell", "A shell, or a command, inside a running job."),
+    "ssh-config": ("ssh_config", "Let ssh and VS Code reach a running job's node (Host hpclaunch-JOB)."),
+    "code": ("code", "VS Code on a compute node: hold an allocation, reach it as Host hpclaunch-JOB."),
+    "proxy": ("ssh_config:proxy", "The ProxyCommand of an ssh-config entry (relays to the job's sshd)."),
 }
 
 

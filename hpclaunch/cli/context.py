@@ -44,3 +44,18 @@ class AppContext:
         if self._cluster is not None:
             self._cluster.close()
             self._cluster = None
+
+    def global_argv(self) -> list[str]:
+        """hpclaunch's own options that reach this same profile again (for a ProxyCommand that ssh
+        runs later, from another environment: VS Code's has no HPCLAUNCH_* variables)."""
+        o = self.options
+        argv = ["-p", self.cluster().profile.name]
+        config = self.config()
+        if config.exists:
+            argv += ["--config", str(config.path.absolute())]
+        for flag, key in (("--host", "host"), ("--user", "user"), ("--port", "port")):
+            if o.get(key) is not None:
+                argv += [flag, str(o[key])]
+        if o.get("accept_new_host_key"):
+            argv.append("--accept-new-host-key")
+        return argv

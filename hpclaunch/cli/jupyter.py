@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -12,6 +14,7 @@ from .options import given, job_options, preflight_option, use_preflight
 
 if TYPE_CHECKING:
     from ..jupyter.session import Session
+    from ..node.ports import PortSpec
 
 _SESSION_OPTIONS = [
     click.option(
@@ -85,6 +88,13 @@ Examples:
     help="Give up (and cancel) if the job is still pending after this many seconds.",
 )
 @click.option("--keep", is_flag=True, help="Leave the job running when this command ends.")
+@click.option(
+    "--forward",
+    "forward",
+    multiple=True,
+    metavar="PORT[:LOCAL_PORT]",
+    help="Also tunnel this port of the notebook's node (TensorBoard: 6006); repeatable.",
+)
 @preflight_option
 @click.pass_obj
 def command(
@@ -98,12 +108,15 @@ def command(
     idle_timeout: int,
     queue_timeout: float | None,
     keep: bool,
+    forward: tuple[str, ...],
     preflight: bool,
     **values: Any,
 ) -> None:
     """Start JupyterLab on a compute node and tunnel to it; Ctrl-C ends it."""
     from ..jupyter import session as jsession
+    from ..node.ports import parse_specs
 
+    extra = parse_specs(forward)  # checked before anything is submitted
     cluster = app_ctx.cluster()
     use_preflight(cluster, preflight)
     options = jsession.JupyterOptions(
@@ -116,7 +129,7 @@ def command(
     )
     with StatusLine() as line:
         sess = jsession.start(cluster, options, given(values), status=line.update)
-    _serve(sess, keep=keep, open_browser=open_browser, record=True)
+    _serve(sess, keep=keep, open_browser=open_browser, record=True, extra=extra)
 
 
 @click.command("attach", epilog="Example:\n\n  hpclaunch attach 1234 --open")
@@ -198,11 +211,22 @@ def stop(app_ctx: AppContext, job_ids: tuple[str, ...]) -> None:
         say(f"stopped notebook job {job_id}")
 
 
-def _serve(sess: Session, *, keep: bool, open_browser: bool, record: bool = False) -> None:
+def _serve(
+    sess: Session, *, keep: bool, open_browser: bool, record: bool = False, extra: Sequence[PortSpec] = ()
+) -> None:
     """Show the URL and keep the session until Ctrl-C, TERM/HUP or the job's end (Session.serve)."""
+    stack = contextlib.ExitStack()
 
     def ready(sess: Session) -> None:
         click.echo(sess.url)
+        if extra:
+            from ..node import ports
+
+            # Through the same connection; a server started later in the notebook is reached once it listens.
+            node = sess.location.host
+            opened = stack.enter_context(ports.open_forwards(sess.cluster.transport, node, extra))
+            for spec, fwd in zip(extra, opened, strict=True):
+                click.echo(f"{ports.url(fwd)}  ->  {sess.location.host}:{spec.remote}")
         say(f"Jupyter is running in job {sess.job.id} on {sess.location.host}.")
         say(f"Same tunnel with OpenSSH: {sess.ssh_command}")
         say(
@@ -214,7 +238,8 @@ def _serve(sess: Session, *, keep: bool, open_browser: bool, record: bool = Fals
 
             webbrowser.open(sess.url)
 
-    sess.serve(keep=keep, record=record, on_ready=ready)
+    with stack:
+        sess.serve(keep=keep, record=record, on_ready=ready)
     if keep:
         say(f"tunnel closed; job {sess.job.id} keeps running: hpclaunch attach {sess.job.id}")
     else:

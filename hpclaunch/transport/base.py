@@ -181,6 +181,17 @@ class CommandRunner(Endpoint):
         """
 
 
+    def run_attached(self, argv: Sequence[str], *, tty: bool = False) -> int:
+        """Run ``argv`` joined to this process's stdin, stdout and stderr until it ends; its exit status.
+
+        Streams both ways (``hpclaunch shell``, ``hpclaunch proxy``), unlike :meth:`run`, which collects.
+        With ``tty`` the command gets a pseudo-terminal sized like ours, our terminal goes raw (Ctrl-C
+        reaches the remote program) and window resizes are passed on: what ``ssh -tt HOST CMD`` does.
+        A transport that cannot do this says so; the default is that.
+        """
+        raise TransportError(f"cannot attach a terminal to a command on {self.description}")
+
+
 class FileStore(Endpoint):
     """Files on the far side (run directories, scripts, logs); a leading ``~`` is its home."""
 

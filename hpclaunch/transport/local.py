@@ -21,8 +21,18 @@ from hpclaunch.transport.base import (
     as_bytes,
     check_argv,
     decode,
+    reason,
     short_command,
 )
+
+
+def _ignore_sigint() -> signal.Handlers | Callable[..., object] | int | None:
+    """Ignore SIGINT in this process (main thread only); the previous handler, to put back."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 class LocalTransport(Transport):
@@ -79,6 +89,31 @@ class LocalTransport(Transport):
         if check and not result.ok:
             raise CommandError(args, result.returncode, result.stdout, result.stderr)
         return result
+
+    def run_attached(self, argv: Sequence[str], *, tty: bool = False) -> int:
+        # Our stdio is inherited, so a terminal is already the command's own (``srun --pty`` uses it).
+        args = check_argv(argv)
+        self._count_command(args)
+        try:
+            proc = subprocess.Popen(args)
+        except OSError as exc:
+            raise CommandError(
+                args, 127, "", str(exc), message=f"cannot run `{args[0]}` on this machine: {reason(exc)}"
+            ) from None
+        # Ctrl-C at a terminal reaches the command too (same process group): it decides what to do,
+        # we keep waiting for its exit status. TERM/HUP still end us, and then the command.
+        previous = _ignore_sigint()
+        try:
+            return proc.wait()
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                proc.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+            raise
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
 
     def _failed_start(self, args: list[str], code: int, why: str, check: bool, exc: OSError) -> CommandResult:
         stderr = f"{args[0]}: {why}"

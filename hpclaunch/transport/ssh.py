@@ -301,6 +301,37 @@ class SSHTransport(Transport):
             raise CommandError(args, code, result.stdout, result.stderr, hint=hint)
         return result
 
+    def run_attached(self, argv: Sequence[str], *, tty: bool = False) -> int:
+        import paramiko
+
+        from hpclaunch.transport import attach
+
+        args = check_argv(argv)
+        self._count_command(args)
+        stdin, stdout, stderr = attach.stdio_fds()
+        conn, chan = self._session()
+        try:
+            try:
+                if tty:
+                    columns, rows = attach.terminal_size(stdin)
+                    chan.get_pty(term=os.environ.get("TERM", "xterm"), width=columns, height=rows)
+                chan.exec_command(shlex.join(args))
+            except (paramiko.SSHException, EOFError, OSError) as exc:
+                raise TransportError(
+                    f"cannot start `{short_command(args)}` on {self.description}: {reason(exc)}"
+                ) from None
+            try:
+                code = attach.pump(chan, tty=tty, stdin=stdin, stdout=stdout, stderr=stderr)
+            except KeyboardInterrupt:
+                # TERM, not KILL: srun passes it on to its step and exits, so nothing stays behind.
+                self._signal(chan, "TERM")
+                raise
+            if code == -1 and not conn.alive():
+                raise TransportError(f"the connection to {self.description} broke while `{args[0]}` ran")
+            return code
+        finally:
+            chan.close()
+
     @staticmethod
     def _feed(chan: paramiko.Channel, data: bytes) -> None:
         with contextlib.suppress(Exception):
@@ -308,9 +339,13 @@ class SSHTransport(Transport):
         with contextlib.suppress(Exception):
             chan.shutdown_write()
 
-    @staticmethod
-    def _kill(chan: paramiko.Channel) -> None:
+    @classmethod
+    def _kill(cls, chan: paramiko.Channel) -> None:
         """Ask sshd to KILL the command (RFC 4254 "signal", OpenSSH >= 7.9); closing alone may not."""
+        cls._signal(chan, "KILL")
+
+    @staticmethod
+    def _signal(chan: paramiko.Channel, name: str) -> None:
         import paramiko
         from paramiko.common import cMSG_CHANNEL_REQUEST
 
@@ -320,7 +355,7 @@ class SSHTransport(Transport):
             message.add_int(chan.remote_chanid)
             message.add_string("signal")
             message.add_boolean(False)
-            message.add_string("KILL")
+            message.add_string(name)
             chan.transport._send_user_message(message)  # type: ignore[union-attr]
 
     def _timeout(self, args: list[str], timeout: float | None) -> CommandTimeout:

@@ -76,6 +76,9 @@ BASE: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "config show": (("config", "show"), ()),
     "config path": (("config", "path"), ()),
     "clean": (("clean",), ()),
+    "forward": (("forward", "1", "8080"), ()),
+    "ssh-config": (("ssh-config", "1"), ()),
+    "code": (("code",), ()),
 }
 
 NO_VALUE = "does not take a value"
@@ -108,6 +111,7 @@ OPTION_BAD: dict[tuple[str, str], tuple[str | None, str]] = {
     ("jupyter", "--idle-timeout"): ("-1", "not in the range"),
     ("jupyter", "--queue-timeout"): ("soon", "is not a valid float"),
     ("jupyter", "--keep"): (None, NO_VALUE),
+    ("jupyter", "--forward"): ("70000", "port 70000 is out of range"),
     ("attach", "--app"): ("vscode", "is not one of"),
     ("attach", "--tunnel"): ("both", "is not one of"),
     ("attach", "--local-port"): ("-1", "not in the range"),
@@ -126,6 +130,15 @@ OPTION_BAD: dict[tuple[str, str], tuple[str | None, str]] = {
     ("clean", "--older-than"): ("a week", "is not an age"),
     ("clean", "--dry-run"): (None, NO_VALUE),
     ("clean", "--results"): (None, NO_VALUE),
+    ("forward", "--wait"): ("-1", "not in the range"),
+    ("ssh-config", "--remove"): (None, NO_VALUE),
+    ("ssh-config", "--access"): ("telnet", "is not one of"),
+    ("ssh-config", "--yes"): (None, NO_VALUE),
+    ("code", "--path"): ("a\nb", "control character"),
+    ("code", "--open"): (None, NO_VALUE),
+    ("code", "--access"): ("rsh", "is not one of"),
+    ("code", "--yes"): (None, NO_VALUE),
+    ("code", "--preflight"): (None, NO_VALUE),
 }
 
 #: (command, argument) -> (full argv, expected fragment)
@@ -145,6 +158,12 @@ ARGUMENT_BAD: dict[tuple[str, str], tuple[tuple[str, ...], str]] = {
     ("logs", "JOB_ID"): (("logs", "1 2"), "is not a job id"),
     ("fetch", "JOB_ID"): (("fetch", "abc"), "is not a job id"),
     ("fetch", "DEST"): (("fetch", "1", "{tmp}/afile"), "is a file"),
+    ("forward", "JOB_ID"): (("forward", "1;2", "8080"), "is not a job id"),
+    ("forward", "PORTS"): (("forward", "1", "70000"), "port 70000 is out of range"),
+    ("shell", "JOB_ID"): (("shell", "x"), "is not a job id"),
+    ("ssh-config", "JOB_ID"): (("ssh-config", "1;rm"), "is not a job id"),
+    ("proxy", "JOB_ID"): (("proxy", "../1"), "is not a job id"),
+    ("shell", "COMMAND"): (("shell", "1", "--", "echo", "a\x00b"), "contains a NUL byte"),
 }
 
 #: Options that take no value to be wrong about.
@@ -291,6 +310,7 @@ CONFIG_BAD: dict[str, tuple[str, str]] = {
     "template_dir": ('"/nonexistent-hpclaunch-templates"', "does not exist"),
     "tunnel": ('"magic"', "tunnel must be one of"),
     "node_ssh_port": ("0", "node_ssh_port must be between 1 and 65535"),
+    "node_access": ('"telnet"', "node_access must be one of"),
     "poll_min": ("0", "0 < poll_min <= poll_max"),
     "poll_max": ('"fast"', "poll_max must be a number"),
     "job_name": ('""', "the job name is empty"),

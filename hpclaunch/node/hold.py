@@ -1,0 +1,110 @@
+"""A job that only holds an allocation, for VS Code (``hpclaunch code``) and other tools that join it.
+
+:func:`start` submits and waits until it runs; :meth:`Hold.serve` writes the ssh entry, keeps it
+until Ctrl-C (TERM/HUP in the CLI) or the job's end, then removes the entry and ends the job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from ..config import NodeAccess
+from ..console import no_interrupts
+from ..errors import CannotRun, HpclaunchError, NodeAccessError, WaitTimeout
+from ..polling import Backoff, Poller
+from ..states import JobInfo, Phase
+from . import access, sshentry
+from .target import NodeTarget, running, while_running
+
+if TYPE_CHECKING:
+    from ..job import Job
+    from ..submission import Submitter
+
+JOB_PREFIX = "hpclaunch-code"
+Status = Callable[[str], None]
+
+
+def start(
+    cluster: Submitter,
+    params: dict[str, Any],
+    *,
+    status: Status = lambda _msg: None,
+    queue_timeout: float | None = None,
+) -> Job:
+    """Submit the holding job and wait until it runs; cancelled again on any failure or Ctrl-C."""
+    job_params = cluster.resolve_job(params, default_name=JOB_PREFIX)
+    job = cluster.submit_prepared(cluster.prepare("hold", job_params))
+    status(f"submitted job {job.id}")
+    try:
+        wait_running(job, status=status, queue_timeout=queue_timeout)
+    except BaseException:
+        with no_interrupts(), contextlib.suppress(HpclaunchError):
+            job.cancel()
+        raise
+    return job
+
+
+def wait_running(job: Job, *, status: Status, queue_timeout: float | None = None) -> JobInfo:
+    """Poll (with backoff) until the job runs; an error when it ends first or can never start."""
+    for waited in Poller(Backoff(initial=0.2, maximum=5.0, factor=1.5)):
+        info = job.info()
+        if info.phase is Phase.RUNNING and info.node_list:
+            return info
+        if info.is_terminal:
+            raise NodeAccessError(f"job {info.describe()} ended before it ran", details=job.log_tail())
+        if info.cannot_start is not None:
+            raise CannotRun(f"job {job.id} can never start as asked ({info.reason}): {info.cannot_start}")
+        if queue_timeout is not None and waited > queue_timeout:
+            raise WaitTimeout(f"job {job.id} still pending after {queue_timeout:.0f} s ({info.reason})")
+        status(info.describe())
+    raise AssertionError("unreachable: the poller has no deadline")
+
+
+@dataclass
+class Hold:
+    """A running holding job reachable as ``Host hpclaunch-JOB``."""
+
+    cluster: Submitter
+    job: Job
+    path: str = "~"
+    mode: NodeAccess | None = None
+    global_options: Sequence[str] = ()
+    target: NodeTarget | None = field(default=None, init=False)
+
+    @property
+    def alias(self) -> str:
+        return sshentry.alias(self.job.id)
+
+    @property
+    def remote_path(self) -> str:
+        return self.cluster.transport.expand(self.path)
+
+    @property
+    def code_argv(self) -> list[str]:
+        """The VS Code command that opens the folder on the node."""
+        return ["code", "--remote", f"ssh-remote+{self.alias}", self.remote_path]
+
+    def serve(self, *, on_ready: Callable[[Hold], None] | None = None, keep: bool = False) -> None:
+        """Write the entry, call ``on_ready``, wait for Ctrl-C or the job's end; then remove the
+        entry and (unless ``keep``) cancel the job. Raises NodeAccessError when the job ended by itself."""
+        ended: JobInfo | None = None
+        try:  # from the first line on: a Ctrl-C anywhere here still cleans up
+            self.target = running(self.cluster, self.job.id)
+            access.grant(self.cluster, self.target, global_options=self.global_options, mode=self.mode)
+            if on_ready is not None:
+                on_ready(self)
+            ended = while_running(self.cluster, self.job.id)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            with no_interrupts():
+                with contextlib.suppress(HpclaunchError, OSError):
+                    access.revoke(self.cluster, self.job.id)
+                if not keep and ended is None:
+                    with contextlib.suppress(HpclaunchError):
+                        self.job.cancel()
+        if ended is not None:
+            raise NodeAccessError(f"job {ended.describe()} ended; removed Host {self.alias}")
