@@ -315,7 +315,8 @@ class SSHTransport(Transport):
                 if tty:
                     columns, rows = attach.terminal_size(stdin)
                     chan.get_pty(term=os.environ.get("TERM", "xterm"), width=columns, height=rows)
-                chan.exec_command(shlex.join(args))
+                # In the login environment too: srun is often on PATH only through /etc/profile.d.
+                chan.exec_command(self.login_env.command(conn, args, None, self._run_raw))
             except (paramiko.SSHException, EOFError, OSError) as exc:
                 raise TransportError(
                     f"cannot start `{short_command(args)}` on {self.description}: {reason(exc)}"
