@@ -108,6 +108,8 @@ class Submitter:
                 identity_file=p.identity_file,
                 ssh_config_path=p.ssh_config,
                 accept_new_host_key=p.accept_new_host_key,
+                transport=p.transport.value,
+                session_idle=p.session_idle,
             )
         return self._transport
 
