@@ -169,8 +169,6 @@ class OpenSSHTransport(Transport):
         opts += _option("ServerAliveCountMax", "3")
         opts += _option("ConnectTimeout", str(max(1, int(self.settings.connect_timeout))))
         opts += _option("ControlPath", self.control_path.replace("%", "%%"))
-        # Our master binds no LocalForward/RemoteForward of the user's config (their own sessions do).
-        opts += _option("ClearAllForwardings", "yes")
         opts += _option("LogLevel", "ERROR")
         self._opts = opts
         self._lock = threading.RLock()
@@ -180,6 +178,9 @@ class OpenSSHTransport(Transport):
         self._started_here = False
         self._home: str | None = None
         self._hops: int | None = None
+        self._forwards: list[Forward] = []
+        #: The socket of the master this process started last (its forwards are already on it).
+        self._master_id: int | None = None
 
     @property
     def description(self) -> str:
@@ -243,6 +244,9 @@ class OpenSSHTransport(Transport):
             *self._opts,
             *_option("ControlMaster", "yes"),
             *_option("ControlPersist", persist),
+            # Our master binds no LocalForward/RemoteForward of the user's config (their own sessions
+            # do). Not on `-O forward`: there it would clear the -L asked for.
+            *_option("ClearAllForwardings", "yes"),
             "-f",
             "-N",
             "-T",
@@ -276,7 +280,14 @@ class OpenSSHTransport(Transport):
         with self._count_lock:
             self.connections_opened += self._hop_count()
         if proc.returncode != 0:
-            raise sshfailure.login_failure(stderr, self.description, self.alias, self.resolver.config_name)
+            raise sshfailure.login_failure(
+                stderr,
+                self.description,
+                self.alias,
+                self.resolver.config_name,
+                self.settings.identity_files,
+                ",".join(self.settings.proxy_jump) or None,
+            )
         if not self._alive():
             raise ConnectionFailed(
                 f"ssh logged in to {self.description} but no master answers on {self.control_path}",
@@ -285,6 +296,11 @@ class OpenSSHTransport(Transport):
         self._seen_master = True
         self._started_here = True
         self._home = None
+        # The forwards this process holds come back on the same local ports, before anyone uses them.
+        for fwd in list(self._forwards):
+            with contextlib.suppress(TransportError):
+                self._add_forward(fwd.remote_host, fwd.remote_port, fwd.local_port)
+        self._master_id = self._socket_id()
 
     def _hop_count(self) -> int:
         """Logins a master start costs: one per ProxyJump hop and the target."""
@@ -358,6 +374,7 @@ class OpenSSHTransport(Transport):
             # Never a login of its own: without the master this fails at once (see the module docstring).
             *_option("ProxyCommand", "false"),
             *_option("BatchMode", "yes"),
+            *_option("ClearAllForwardings", "yes"),
             "-T",
             "--",
             self.alias,
@@ -609,6 +626,7 @@ class OpenSSHTransport(Transport):
     def _forward(self, host: str, port: int, local_port: int) -> Iterator[Forward]:
         self._ensure()
         fwd = Forward(self._add_forward(host, port, local_port), host, port)
+        self._forwards.append(fwd)
         stop = threading.Event()
         watcher = threading.Thread(
             target=self._watch, args=(fwd, stop), name="hpclaunch-forward", daemon=True
@@ -619,6 +637,7 @@ class OpenSSHTransport(Transport):
         finally:
             stop.set()
             watcher.join(timeout=10)
+            self._forwards.remove(fwd)
             if self._alive():
                 with contextlib.suppress(Exception):
                     self._control("cancel", "-L", self._spec(fwd.local_port, host, port))
@@ -643,7 +662,8 @@ class OpenSSHTransport(Transport):
                     continue
                 try:
                     self._ensure()
-                    self._add_forward(fwd.remote_host, fwd.remote_port, fwd.local_port)
+                    if self._socket_id() != self._master_id:  # another process started this master
+                        self._add_forward(fwd.remote_host, fwd.remote_port, fwd.local_port)
                 except TransportError as exc:
                     with fwd.status._lock:
                         fwd.status.last_error = exc.one_line()

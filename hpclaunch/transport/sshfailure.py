@@ -22,8 +22,16 @@ def _lines(stderr: str) -> list[str]:
     return [line.strip() for line in stderr.replace("\r", "\n").splitlines() if line.strip()]
 
 
-def login_failure(stderr: str, target: str, alias: str, config_name: str) -> ConnectionFailed:
-    """The error for a login that failed with ``stderr`` (``target``: ``user@host:port`` for messages)."""
+def login_failure(
+    stderr: str,
+    target: str,
+    alias: str,
+    config_name: str,
+    keys: tuple[str, ...] = (),
+    jump: str | None = None,
+) -> ConnectionFailed:
+    """The error for a login that failed with ``stderr`` (``target``: ``user@host:port`` for messages;
+    ``keys``: the identity files configured, named when the server refused them)."""
     text = stderr.replace("\r", "")
     lines = _lines(stderr)
     last = lines[-1] if lines else "ssh exited with 255 and said nothing"
@@ -41,6 +49,13 @@ def login_failure(stderr: str, target: str, alias: str, config_name: str) -> Con
             f"the host key of {target} is not known (OpenSSH's strict checking refused it)",
             hint="check it with the admins, then connect once with --accept-new-host-key "
             f"(or {ENV_ACCEPT_NEW}=1) to record it; a changed key is always refused",
+        )
+    if jump and "kex_exchange_identification" in text:
+        # The jump host's own "connect failed" is below LogLevel ERROR: this is what is left of it.
+        return ConnectionFailed(
+            f"cannot connect to {target} via jump host {jump}: the jump host could not reach it "
+            "(or closed the connection)",
+            hint=f"check HostName/Port of {alias} in {config_name}, as seen from {jump}",
         )
     if "Connection refused" in text:
         return ConnectionFailed(
@@ -63,9 +78,10 @@ def login_failure(stderr: str, target: str, alias: str, config_name: str) -> Con
                 f"cannot log in to {target}: it accepts only Kerberos (GSSAPI) and no ticket was accepted",
                 hint="run `kinit` to get a Kerberos ticket (see `klist`), then try again",
             )
+        tried = f"; keys: {', '.join(keys)}" if keys and "publickey" in offered else ""
         return ConnectionFailed(
             f"cannot log in to {target}: the server refused every method ssh tried "
-            f"({', '.join(offered) or 'none'})",
+            f"({', '.join(offered) or 'none'}{tried})",
             hint="is your key in ~/.ssh/authorized_keys there, or loaded in ssh-agent? "
             f"`ssh -v {alias}` shows what was tried",
         )

@@ -75,7 +75,11 @@ NO_TICKET = "hpcuser@localhost: Permission denied (gssapi-with-mic).\r\n"
             "(is sshd running? check HostName/Port of login in ~/.ssh/config)",
         ),
         (UNKNOWN, HostKeyError, "the host key of alice@login:2222 is not known"),
-        (CHANGED, HostKeyError, "HAS CHANGED (now ed25519 SHA256:2fJ8mXoCk0fWv3cT1zGq0dC3l2Yw0Yv4b2bV0kq1XjM"),
+        (
+            CHANGED,
+            HostKeyError,
+            "HAS CHANGED (now ed25519 SHA256:2fJ8mXoCk0fWv3cT1zGq0dC3l2Yw0Yv4b2bV0kq1XjM",
+        ),
         (DENIED, TransportError, "the server refused every method ssh tried (publickey)"),
         (NO_TICKET, TransportError, "accepts only Kerberos (GSSAPI) and no ticket was accepted (run `kinit`"),
     ],
@@ -91,7 +95,7 @@ def test_runtime_directory_is_private_and_ours(tmp_path: Path, monkeypatch: pyte
     monkeypatch.setenv(runtime.ENV, str(tmp_path / "rt"))
     made = runtime.directory()
     assert oct(os.stat(made).st_mode & 0o777) == "0o700"
-    os.chmod(made, 0o755)
+    os.chmod(made, 0o750)  # noqa: S103 - the point: a directory others can enter is refused
     with pytest.raises(TransportError, match="open to other users"):
         runtime.directory()
     os.chmod(made, 0o700)
