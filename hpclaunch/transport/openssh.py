@@ -280,7 +280,7 @@ class OpenSSHTransport(Transport):
         with self._count_lock:
             self.connections_opened += self._hop_count()
         if proc.returncode != 0:
-            raise sshfailure.login_failure(
+            error = sshfailure.login_failure(
                 stderr,
                 self.description,
                 self.alias,
@@ -288,6 +288,11 @@ class OpenSSHTransport(Transport):
                 self.settings.identity_files,
                 ",".join(self.settings.proxy_jump) or None,
             )
+            # The server refuses an expired certificate without saying why: look inside ours.
+            problems = self._certificate_problems() if "refused" in error.message else []
+            if problems:
+                error = type(error)(f"{error.message}; {'; '.join(problems)}", hint=error.hint)
+            raise error
         if not self._alive():
             raise ConnectionFailed(
                 f"ssh logged in to {self.description} but no master answers on {self.control_path}",
@@ -301,6 +306,13 @@ class OpenSSHTransport(Transport):
             with contextlib.suppress(TransportError):
                 self._add_forward(fwd.remote_host, fwd.remote_port, fwd.local_port)
         self._master_id = self._socket_id()
+
+    def _certificate_problems(self) -> list[str]:
+        from hpclaunch.transport.sshcert import load_certificate
+
+        paths = [*self.settings.certificate_files, *(f"{k}-cert.pub" for k in self.settings.identity_files)]
+        found = (load_certificate(p) for p in dict.fromkeys(paths))
+        return [why for cert in found if cert is not None and (why := cert.problem()) is not None]
 
     def _hop_count(self) -> int:
         """Logins a master start costs: one per ProxyJump hop and the target."""

@@ -78,10 +78,12 @@ def login_failure(
                 f"cannot log in to {target}: it accepts only Kerberos (GSSAPI) and no ticket was accepted",
                 hint="run `kinit` to get a Kerberos ticket (see `klist`), then try again",
             )
-        tried = f"; keys: {', '.join(keys)}" if keys and "publickey" in offered else ""
+        if "publickey" in offered and keys:
+            refused = f"the server refused every key offered ({', '.join(keys)})"
+        else:
+            refused = f"the server refused every method ssh tried ({', '.join(offered) or 'none'})"
         return ConnectionFailed(
-            f"cannot log in to {target}: the server refused every method ssh tried "
-            f"({', '.join(offered) or 'none'}{tried})",
+            f"cannot log in to {target}: {refused}",
             hint="is your key in ~/.ssh/authorized_keys there, or loaded in ssh-agent? "
             f"`ssh -v {alias}` shows what was tried",
         )

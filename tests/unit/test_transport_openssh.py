@@ -80,12 +80,12 @@ NO_TICKET = "hpcuser@localhost: Permission denied (gssapi-with-mic).\r\n"
             HostKeyError,
             "HAS CHANGED (now ed25519 SHA256:2fJ8mXoCk0fWv3cT1zGq0dC3l2Yw0Yv4b2bV0kq1XjM",
         ),
-        (DENIED, TransportError, "the server refused every method ssh tried (publickey)"),
+        (DENIED, TransportError, "the server refused every key offered (~/.ssh/id_ed25519)"),
         (NO_TICKET, TransportError, "accepts only Kerberos (GSSAPI) and no ticket was accepted (run `kinit`"),
     ],
 )
 def test_login_failures_are_one_line(stderr: str, kind: type[Exception], line: str) -> None:
-    error = login_failure(stderr, TARGET, ALIAS, CONFIG)
+    error = login_failure(stderr, TARGET, ALIAS, CONFIG, ("~/.ssh/id_ed25519",))
     assert isinstance(error, kind)
     assert line in error.one_line()
     assert "\n" not in error.one_line()
