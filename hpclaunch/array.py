@@ -319,9 +319,7 @@ class ArrayJob:
     ) -> list[JobInfo]:
         """Block until every task has ended (one batched query per poll, with backoff and jitter);
         returns each task's final info in task order. Raises WaitTimeout after ``timeout`` seconds."""
-        infos = self.cluster.wait_ids(
-            self.task_ids, timeout=timeout, on_update=on_update, max_poll=max_poll
-        )
+        infos = self.cluster.wait_ids(self.task_ids, timeout=timeout, on_update=on_update, max_poll=max_poll)
         return [infos[task_id] for task_id in self.task_ids]
 
     def cancel(self) -> None:

@@ -45,6 +45,7 @@ class Cluster(Submitter):
         port: int | None = None,
         template_dir: str | os.PathLike[str] | None = None,
         accept_new_host_key: bool | None = None,
+        ssh_client: str | None = None,
         transport: Transport | None = None,
         preflight: Callable[[Preflight], None] | None = None,
         **job_defaults: Any,
@@ -59,6 +60,7 @@ class Cluster(Submitter):
             port=port,
             template_dir=os.fspath(template_dir) if template_dir is not None else None,
             accept_new_host_key=accept_new_host_key,
+            transport=ssh_client,
         )
         super().__init__(chosen, job_defaults=job_defaults, transport=transport, preflight=preflight)
 

@@ -80,6 +80,21 @@ class NodeAccess(str, enum.Enum):
         return self.value
 
 
+class TransportKind(str, enum.Enum):
+    """Which SSH client carries the connection to a remote login host."""
+
+    AUTO = "auto"  # OpenSSH where its ssh supports ControlMaster (not Windows), else paramiko
+    OPENSSH = "openssh"  # the system ssh with a ControlMaster of hpclaunch's own
+    PARAMIKO = "paramiko"  # one paramiko connection in this process
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: Seconds a connection stays open, idle, for the next CLI command on the profile (0: off).
+DEFAULT_SESSION_IDLE = 600
+
+
 def choice(kind: type[enum.Enum], key: str, value: Any, where: str = "") -> Any:
     """``value`` as a member of ``kind``, or one ConfigError line listing the valid ones."""
     try:
@@ -108,6 +123,9 @@ class Profile:
     workdir: str = "~/hpclaunch"
     template_dir: str | None = None
     tunnel: TunnelMode = TunnelMode.DIRECT
+    transport: TransportKind = TransportKind.AUTO
+    #: Seconds an idle connection is kept for the next command (one login for a working session); 0: off.
+    session_idle: int = DEFAULT_SESSION_IDLE
     #: Port of the compute nodes' sshd, for tunnel mode ``node`` (None: the ssh config's, else 22).
     node_ssh_port: int | None = None
     #: How ``hpclaunch ssh-config`` entries reach a job's node.
@@ -123,6 +141,7 @@ class Profile:
         object.__setattr__(self, "scheduler", choice(SchedulerKind, "scheduler", self.scheduler))
         object.__setattr__(self, "tunnel", choice(TunnelMode, "tunnel", self.tunnel))
         object.__setattr__(self, "node_access", choice(NodeAccess, "node_access", self.node_access))
+        object.__setattr__(self, "transport", choice(TransportKind, "transport", self.transport))
 
     def with_overrides(self, **changes: Any) -> Profile:
         """A copy with the non-None ``changes`` applied (flags and environment variables)."""
@@ -151,6 +170,8 @@ _CONNECTION_KEYS: dict[str, type | tuple[type, ...]] = {
     "workdir": str,
     "template_dir": str,
     "tunnel": str,
+    "transport": str,
+    "session_idle": int,
     "node_ssh_port": int,
     "node_access": str,
     "poll_min": (int, float),
@@ -322,7 +343,13 @@ def _parse_profile(file: Path, name: str, body: Any, *, source: str | None = Non
         job = validate_params(job_values)
     except ParameterError as err:
         raise ConfigError(f"{where}: {err.message}", hint=err.hint) from None
-    for key, kind in (("scheduler", SchedulerKind), ("tunnel", TunnelMode), ("node_access", NodeAccess)):
+    kinds: tuple[tuple[str, type[enum.Enum]], ...] = (
+        ("scheduler", SchedulerKind),
+        ("tunnel", TunnelMode),
+        ("transport", TransportKind),
+        ("node_access", NodeAccess),
+    )
+    for key, kind in kinds:
         if key in connection:
             connection[key] = choice(kind, key, connection[key], where)
     profile = Profile(name=name, job=job, source=source or str(file), **connection)
@@ -342,6 +369,8 @@ def check_profile(profile: Profile, where: str = "") -> None:
             f"{prefix}poll_min and poll_max must be seconds with 0 < poll_min <= poll_max, "
             f"got {profile.poll_min} and {profile.poll_max}"
         )
+    if profile.session_idle < 0:
+        raise ConfigError(f"{prefix}session_idle must be seconds >= 0 (0: off), got {profile.session_idle}")
     if profile.node_ssh_port is not None and not 0 < profile.node_ssh_port < 65536:
         raise ConfigError(f"{prefix}node_ssh_port must be between 1 and 65535, got {profile.node_ssh_port}")
     for key in ("host", "user"):

@@ -67,6 +67,7 @@ done
 exec "$@"
 """
 
+
 def default_state_dir() -> Path:
     """``$XDG_DATA_HOME/hpclaunch/local-jobs`` (``~/.local/share/...`` by default)."""
     data = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")

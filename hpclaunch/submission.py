@@ -109,6 +109,8 @@ class Submitter:
                 ssh_config_path=p.ssh_config,
                 accept_new_host_key=p.accept_new_host_key,
                 login_shell=p.login_shell,
+                transport=p.transport.value,
+                session_idle=p.session_idle,
             )
         return self._transport
 

@@ -40,6 +40,8 @@ _COMMANDS: dict[str, tuple[str, str]] = {
     "ssh-config": ("ssh_config", "Let ssh and VS Code reach a running job's node (Host hpclaunch-JOB)."),
     "code": ("code", "VS Code on a compute node: hold an allocation, reach it as Host hpclaunch-JOB."),
     "proxy": ("ssh_config:proxy", "The ProxyCommand of an ssh-config entry (relays to the job's sshd)."),
+    "connect": ("connect", "Log in once (answering MFA) and keep the connection for later commands."),
+    "disconnect": ("connect:disconnect", "End the connection kept for the profile."),
 }
 
 
@@ -107,6 +109,15 @@ Shell completion (bash): eval "$(_HPCLAUNCH_COMPLETE=bash_source hpclaunch)"
     help="Directory whose templates override or add to the built-in ones.",
 )
 @click.option(
+    "--transport",
+    envvar="HPCLAUNCH_TRANSPORT",
+    show_envvar=True,
+    type=click.Choice(["auto", "openssh", "paramiko"]),
+    default=None,
+    help="SSH client: the system OpenSSH with a ControlMaster, or paramiko; auto = OpenSSH where its "
+    "ssh supports ControlMaster (not Windows) [default: the profile's transport, else auto].",
+)
+@click.option(
     "--accept-new-host-key",
     is_flag=True,
     default=None,
@@ -142,7 +153,16 @@ def _show_warning(
 def debug_requested(args: list[str]) -> bool:
     """Whether ``--debug`` is one of hpclaunch's own options: they come before the command's name,
     so a ``--debug`` after it (or after ``--``, meant for the job) is not ours."""
-    takes_value = {"-p", "--profile", "--config", "--host", "--user", "--port", "--template-dir"}
+    takes_value = {
+        "-p",
+        "--profile",
+        "--config",
+        "--host",
+        "--user",
+        "--port",
+        "--template-dir",
+        "--transport",
+    }
     skip = False
     for arg in args:
         if skip:

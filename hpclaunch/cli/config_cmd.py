@@ -50,6 +50,7 @@ def show(app: AppContext, as_json: bool) -> None:
         "site_config": str(site) if site else None,
         "user_config": str(config.path),
         **profile.as_dict(),
+        **_connection(app),
     }
     if as_json:
         click.echo(json.dumps(data, indent=2))
@@ -62,14 +63,41 @@ def show(app: AppContext, as_json: bool) -> None:
     )
     click.echo("\n".join("# " + line for line in textwrap.wrap(help_text, 100)))
     click.echo(f"# profile {profile.name!r} from {profile.source}")
+    for key in ("client", "session"):
+        if data.get(key):
+            click.echo(f"# {key}: {data[key]}")
     for key, value in data.items():
-        if key in ("profile", "source", "files_read", "site_config", "user_config") or value in (
+        if key in (
+            "profile",
+            "source",
+            "files_read",
+            "site_config",
+            "user_config",
+            "client",
+            "session",
+        ) or value in (
             None,
             (),
             [],
         ):
             continue
         click.echo(f"{key} = {json.dumps(value)}")
+
+
+def _connection(app: AppContext) -> dict[str, str]:
+    """Which SSH client the profile gets here and why, and the state of its kept connection."""
+    from ..transport.choice import choose
+    from .connect import session_state
+
+    cluster = app.cluster()
+    profile = cluster.profile
+    if not profile.host:
+        return {}
+    chosen = choose(profile.transport.value)
+    return {
+        "client": f"{chosen.name} ({chosen.why})",
+        "session": session_state(cluster.transport, profile.session_idle),
+    }
 
 
 @command.command("path")

@@ -37,6 +37,7 @@ class AppContext:
                 port=o.get("port"),
                 template_dir=o.get("template_dir"),
                 accept_new_host_key=o.get("accept_new_host_key"),
+                ssh_client=o.get("transport"),
             )
         return self._cluster
 

@@ -13,7 +13,6 @@ from ..console import REDACTED, redact
 __all__ = ["REDACTED", "new_token", "redact"]
 
 
-
 def new_token() -> str:
     """A 256-bit random token in hex, the alphabet Jupyter's own generated tokens use."""
     return secrets.token_hex(32)

@@ -1,8 +1,8 @@
 """Ways to reach the cluster: this machine (a login node) or one SSH connection to a login node.
 
 ``connect(None)`` runs everything locally; ``connect("hpcdev")`` goes through ``~/.ssh/config``'s
-``Host hpcdev``. The SSH transport imports paramiko only when it is used, so ``hpclaunch --help``
-stays fast.
+``Host hpcdev``, with the system OpenSSH (a ControlMaster) or paramiko, as :mod:`.choice` decides.
+The paramiko transport imports paramiko only when it is used, so ``hpclaunch --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from hpclaunch.transport.base import CommandResult, Forward, ForwardStatus, Path
 from hpclaunch.transport.local import LocalTransport
 
 if TYPE_CHECKING:
+    from hpclaunch.transport.openssh import OpenSSHTransport
     from hpclaunch.transport.ssh import SSHTransport
     from hpclaunch.transport.sshauth import Prompter
 
@@ -22,6 +23,7 @@ __all__ = [
     "Forward",
     "ForwardStatus",
     "LocalTransport",
+    "OpenSSHTransport",
     "PathNotFound",
     "SSHTransport",
     "Transport",
@@ -42,17 +44,39 @@ def connect(
     keepalive: int | None = None,
     prompter: Prompter | None = None,
     login_shell: bool = True,
+    transport: str = "auto",
+    session_idle: int = 600,
 ) -> Transport:
     """A transport for ``host``: local when it is None or empty, else SSH (opened on first use).
 
     ``accept_new_host_key`` (or ``HPCLAUNCH_ACCEPT_NEW_HOST_KEY=1``, or ``StrictHostKeyChecking
     accept-new`` in the ssh config) records the key of a host seen for the first time; a changed key
-    is always refused. ``prompter`` answers keyboard-interactive prompts (default: the terminal).
+    is always refused. ``prompter`` answers keyboard-interactive prompts (default: the terminal; the
+    OpenSSH transport lets ``ssh`` ask). ``transport``: ``auto``, ``openssh`` or ``paramiko``;
+    ``session_idle``: seconds the OpenSSH master stays up, idle, for the next process (0: off).
     ``login_shell`` runs SSH commands in the environment of the user's login shell on the host (captured
     once per connection); locally the process environment is already the login one and is used as is.
     """
     if not host:
         return LocalTransport()
+    from hpclaunch.transport.choice import OPENSSH, choose
+
+    if choose(transport).name == OPENSSH:
+        from hpclaunch.transport.openssh import OpenSSHTransport
+
+        return OpenSSHTransport(
+            host,
+            user=user,
+            port=port,
+            identity_file=identity_file,
+            ssh_config_path=ssh_config_path,
+            accept_new_host_key=accept_new_host_key,
+            known_hosts_file=known_hosts_file,
+            connect_timeout=connect_timeout,
+            keepalive=keepalive,
+            persist=session_idle,
+            login_shell=login_shell,
+        )
     from hpclaunch.transport.ssh import SSHTransport
 
     return SSHTransport(
@@ -76,4 +100,8 @@ def __getattr__(name: str) -> object:
         from hpclaunch.transport.ssh import SSHTransport
 
         return SSHTransport
+    if name == "OpenSSHTransport":
+        from hpclaunch.transport.openssh import OpenSSHTransport
+
+        return OpenSSHTransport
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -125,6 +125,13 @@ class Authenticator:
         except (paramiko.SSHException, EOFError, OSError) as exc:
             raise ConnectionFailed(f"{where}: the connection closed during login ({reason(exc)})") from None
 
+        if allowed and all(m.startswith("gssapi") for m in allowed):
+            # paramiko 5 has no GSSAPI at all: no retry here can work, the OpenSSH transport can.
+            raise ConnectionFailed(
+                f"{where}: it accepts only Kerberos (GSSAPI), which the paramiko transport cannot do",
+                hint='use the OpenSSH transport: transport = "openssh" in the profile '
+                "(or --transport openssh)",
+            )
         problems: list[str] = []
         try:
             if "publickey" in allowed:

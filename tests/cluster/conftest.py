@@ -4,18 +4,25 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import stat
 import subprocess
 import sys
-from collections.abc import Iterator
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Union
 
 import pytest
 
 from hpclaunch.cluster import Cluster
+from hpclaunch.transport.runtime import ENV as RUNTIME_ENV
 
 if TYPE_CHECKING:
     from conftest import DevCluster
+
+    from hpclaunch.transport.openssh import OpenSSHTransport
+    from hpclaunch.transport.ssh import SSHTransport
 
 #: The environment the cluster user's jobs activate (torch, jupyterlab); made by scripts/dev-cluster.
 HPC_ENV_SETUP = "source /opt/hpc-env/bin/activate"
@@ -128,3 +135,83 @@ def profile_env(dev: DevCluster, tmp_path: Path, *, extra: str = "") -> dict[str
         "XDG_STATE_HOME": str(tmp_path / "state"),
         "PYTHONUNBUFFERED": "1",
     }
+
+
+# -- both SSH transports ----------------------------------------------------------------------------
+
+#: What the transport tests hold: the paramiko transport or the OpenSSH one (same roles, same tests).
+AnySSH = Union["SSHTransport", "OpenSSHTransport"]
+MakeSSH = Callable[..., AnySSH]
+#: Arguments only the paramiko transport takes (the OpenSSH one leaves them to ssh).
+PARAMIKO_ONLY = ("openssh_config", "prompter", "allow_agent")
+
+
+def end_masters(directory: str) -> None:
+    """Stop every ControlMaster whose socket is in ``directory`` (what a test left running)."""
+    for name in os.listdir(directory):
+        path = os.path.join(directory, name)
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            subprocess.run(
+                ["ssh", "-o", f"ControlPath={path}", "-O", "exit", "hpclaunch-test"],
+                capture_output=True,
+                timeout=30,
+                check=False,
+            )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_runtime_dir() -> Iterator[str]:
+    """Masters the CLI starts during the tests live in a directory of their own, ended at the end."""
+    directory = tempfile.mkdtemp(prefix="hcl-rt-", dir="/tmp")
+    old = os.environ.get(RUNTIME_ENV)
+    os.environ[RUNTIME_ENV] = directory
+    try:
+        yield directory
+    finally:
+        if old is None:
+            os.environ.pop(RUNTIME_ENV, None)
+        else:
+            os.environ[RUNTIME_ENV] = old
+        end_masters(directory)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture
+def control_dir() -> Iterator[str]:
+    """A short private directory for one test's ControlMaster sockets (unix paths are short)."""
+    directory = tempfile.mkdtemp(prefix="hcl-", dir="/tmp")
+    try:
+        yield directory
+    finally:
+        end_masters(directory)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(params=["paramiko", "openssh"])
+def ssh_kind(request: pytest.FixtureRequest) -> str:
+    kind: str = request.param
+    return kind
+
+
+@pytest.fixture
+def make_ssh(ssh_kind: str, control_dir: str) -> Iterator[MakeSSH]:
+    """Builds the transport under test with the paramiko transport's arguments; closes them after."""
+    from hpclaunch.transport.openssh import OpenSSHTransport
+    from hpclaunch.transport.ssh import SSHTransport
+
+    made: list[AnySSH] = []
+
+    def make(host: str, **kwargs: Any) -> AnySSH:
+        transport: AnySSH
+        if ssh_kind == "openssh":
+            for key in PARAMIKO_ONLY:
+                kwargs.pop(key, None)
+            transport = OpenSSHTransport(host, persist=0, control_dir=control_dir, **kwargs)
+        else:
+            transport = SSHTransport(host, **kwargs)
+        made.append(transport)
+        return transport
+
+    yield make
+    for transport in made:
+        transport.close()

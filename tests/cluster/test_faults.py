@@ -55,6 +55,8 @@ from .faults_helpers import (
 if TYPE_CHECKING:
     from conftest import DevCluster
 
+    from tests.cluster.conftest import MakeSSH
+
 pytestmark = pytest.mark.cluster
 
 #: The longest any single step here may take before the test fails instead of hanging.
@@ -504,7 +506,8 @@ def test_cli_rides_out_transient_errors_and_reports_permanent_ones(shim: SlurmSh
 # -- 3. sshd restarted mid-session ----------------------------------------------------------------------
 
 
-def _our_ssh_client_ports(server_port: int = 2222) -> list[int]:
+def _our_ssh_client_ports(server_port: int = 2222, pid: int | None = None) -> list[int]:
+    """Local ports of the SSH connections that process ``pid`` (default: this one) holds."""
     out = subprocess.run(
         ["ss", "-Htnp", "state", "established", f"( dport = :{server_port} )"],
         capture_output=True,
@@ -513,16 +516,16 @@ def _our_ssh_client_ports(server_port: int = 2222) -> list[int]:
     ).stdout
     ports = []
     for line in out.splitlines():
-        if f"pid={os.getpid()}," in line:
+        if f"pid={pid or os.getpid()}," in line:
             local = line.split()[2]
             ports.append(int(local.rsplit(":", 1)[1]))
     return ports
 
 
 def test_sshd_restart_mid_session_commands_and_forward_come_back(
-    dev_cluster: DevCluster, restore_cluster: None
+    dev_cluster: DevCluster, restore_cluster: None, make_ssh: MakeSSH
 ) -> None:
-    transport = SSHTransport(dev_cluster.ssh_alias, ssh_config_path=str(dev_cluster.ssh_config))
+    transport = make_ssh(dev_cluster.ssh_alias, ssh_config_path=str(dev_cluster.ssh_config))
     echo = EchoServer()
     try:
         assert transport.run(["echo", "before"]).stdout == "before\n"
@@ -531,7 +534,10 @@ def test_sshd_restart_mid_session_commands_and_forward_come_back(
 
             # The restart: the listener stops, and the connection it had forked for us is gone too.
             stop_daemon(dev_cluster.state_dir, "sshd", "sshd")
-            killed = [pid for port in _our_ssh_client_ports() for pid in server_pids_of_connection(port)]
+            # The paramiko connection is ours; OpenSSH's is held by its master process.
+            holder = None if isinstance(transport, SSHTransport) else transport.master_pid()
+            ports = _our_ssh_client_ports(pid=holder)
+            killed = [pid for port in ports for pid in server_pids_of_connection(port)]
             assert killed, "found no sshd process serving our connection"
             for pid in killed:
                 os.kill(pid, signal.SIGKILL)
@@ -545,7 +551,10 @@ def test_sshd_restart_mid_session_commands_and_forward_come_back(
             with pytest.raises(ConnectionFailed, match="connection refused"):
                 transport.run(["true"])
             assert time.monotonic() - t0 < 10
-            assert not port_is_free(fwd.local_port)
+            if isinstance(transport, SSHTransport):
+                # paramiko's relay listens on; OpenSSH's port went with its master and comes back with
+                # the new one, on the same number (checked below).
+                assert not port_is_free(fwd.local_port)
 
             ensure_dev_cluster_up()
 
