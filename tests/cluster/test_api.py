@@ -16,6 +16,7 @@ import pytest
 from hpclaunch import ArrayJob, Cluster, HpclaunchError
 from hpclaunch.config import Profile
 from hpclaunch.slurm.client import SlurmClient
+from hpclaunch.transport.openssh import OpenSSHTransport
 from hpclaunch.transport.ssh import SSHTransport
 
 pytestmark = pytest.mark.cluster
@@ -34,9 +35,9 @@ class RoundCounter:
         self._inner(seconds)
 
 
-def ssh_transport(cluster: Cluster) -> SSHTransport:
+def ssh_transport(cluster: Cluster) -> SSHTransport | OpenSSHTransport:
     transport = cluster.transport
-    assert isinstance(transport, SSHTransport)
+    assert isinstance(transport, (SSHTransport, OpenSSHTransport))
     return transport
 
 
@@ -68,7 +69,8 @@ def test_hundred_jobs_one_handshake_one_squeue_per_poll(cluster: Cluster, cleanu
         i.describe() for i in infos.values() if i.state.value != "COMPLETED"
     ]
     assert len(infos) == 100
-    assert transport.connections_opened == 1
+    # One login at most: none when an OpenSSH master kept from an earlier command is reused.
+    assert transport.connections_opened <= 1
     assert transport.command_counts["sbatch"] == 100
     assert 1 <= squeue_calls <= polls, (squeue_calls, polls)
     # Batched, not per job: a handful of polls for 100 jobs.

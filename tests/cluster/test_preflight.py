@@ -20,6 +20,7 @@ import pytest
 from hpclaunch import Cluster
 from hpclaunch.errors import CannotRun
 from hpclaunch.slurm.client import SlurmClient
+from hpclaunch.transport.openssh import OpenSSHTransport
 from hpclaunch.transport.ssh import SSHTransport
 
 from .conftest import hpclaunch_argv, run_hpclaunch
@@ -159,7 +160,7 @@ def test_a_job_made_impossible_while_it_waits_is_ended_with_the_reason(
 
 def test_a_sweep_larger_than_max_array_size_runs_as_several_arrays(cluster: Cluster) -> None:
     transport = cluster.transport
-    assert isinstance(transport, SSHTransport)
+    assert isinstance(transport, (SSHTransport, OpenSSHTransport))
     params = [{"n": i, "word": f"w{i}"} for i in range(25)]
     sbatch_before = transport.command_counts["sbatch"]
     sweep = cluster.submit_array(
@@ -220,7 +221,7 @@ def test_waiting_on_a_thousand_jobs_is_one_squeue_per_interval(dev_config: Path,
     config.chmod(0o600)
     with Cluster("dev", config=config) as cluster:
         transport = cluster.transport
-        assert isinstance(transport, SSHTransport)
+        assert isinstance(transport, (SSHTransport, OpenSSHTransport))
         client = cluster.scheduler
         assert isinstance(client, SlurmClient)
         sweep = cluster.submit_array(
