@@ -15,16 +15,20 @@ hpclaunch's run directories. Needs the dev cluster (scripts/dev-cluster up). Usa
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from hpclaunch import Cluster
 from hpclaunch.config import Profile
+from hpclaunch.transport import runtime
 
 STATE = Path(os.environ.get("HPCLAUNCH_DEV_DIR", "/var/lib/hpclaunch-dev"))
 SCRIPT = "#!/bin/bash\ntrue\n"
@@ -91,7 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="also print the results as one JSON line")
     args = parser.parse_args(argv)
 
-    profile = Profile(name="bench", host=args.host, ssh_config=args.ssh_config)
+    # A cold start, its one login counted: a master of our own in a fresh runtime directory (not one an
+    # earlier command left running), ended when the bench ends.
+    os.environ[runtime.ENV] = tempfile.mkdtemp(prefix="hpclaunch-bench-")
+    atexit.register(shutil.rmtree, os.environ[runtime.ENV], True)
+    profile = Profile(name="bench", host=args.host, ssh_config=args.ssh_config, session_idle=0)
     ssh = ["ssh", "-F", args.ssh_config, args.host]
     all_ids: list[str] = []
     run_dirs: list[str] = []

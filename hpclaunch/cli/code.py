@@ -64,8 +64,10 @@ def command(
         click.echo(shlex.join(h.code_argv))
         from ..node import sshentry
 
-        say(f"Job {h.job.id} holds {h.target.node if h.target else '?'}; Host {h.alias} is in "
-            f"{sshentry.paths().config}.")
+        say(
+            f"Job {h.job.id} holds {h.target.node if h.target else '?'}; Host {h.alias} is in "
+            f"{sshentry.paths().config}."
+        )
         say("Press Ctrl-C to end the job and remove the entry.")
         if open_code:
             import subprocess

@@ -94,6 +94,6 @@ def _scan_host_keys(cluster: Submitter, node: str, port: int) -> list[str]:
     if not keys:
         raise NodeAccessError(
             f"no sshd answers on {node}:{port} from {cluster.transport.description}",
-            hint="this site may not run sshd on its nodes: use node_access = \"step\"",
+            hint='this site may not run sshd on its nodes: use node_access = "step"',
         )
     return keys

@@ -96,9 +96,7 @@ def wait_listening(
 
 
 @contextlib.contextmanager
-def open_forwards(
-    forwarder: Forwarder, host: str, specs: Sequence[PortSpec]
-) -> Iterator[list[Forward]]:
+def open_forwards(forwarder: Forwarder, host: str, specs: Sequence[PortSpec]) -> Iterator[list[Forward]]:
     """One local listener per spec (127.0.0.1), all closed when the context ends, even on error."""
     with contextlib.ExitStack() as stack:
         yield [stack.enter_context(forwarder.forward(host, s.remote, local_port=s.local)) for s in specs]

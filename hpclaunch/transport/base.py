@@ -180,7 +180,6 @@ class CommandRunner(Endpoint):
         raises :class:`~hpclaunch.errors.CommandTimeout`. A missing executable is exit code 127.
         """
 
-
     def run_attached(self, argv: Sequence[str], *, tty: bool = False) -> int:
         """Run ``argv`` joined to this process's stdin, stdout and stderr until it ends; its exit status.
 

@@ -60,6 +60,7 @@ from hpclaunch.transport.base import (
 )
 from hpclaunch.transport.hostkeys import accept_new_from_env
 from hpclaunch.transport.hostsettings import Resolver
+from hpclaunch.transport.keyfile import needs_passphrase, warn_if_exposed
 from hpclaunch.transport.loginenv import LoginEnv
 
 log = logging.getLogger(__name__)
@@ -262,6 +263,8 @@ class OpenSSHTransport(Transport):
             os.unlink(self.control_path)  # a master killed hard leaves its socket behind
         if self._accept_new:
             self._prepare_known_hosts()
+        for path in dict.fromkeys(self.settings.identity_files):
+            warn_if_exposed(path, ignored=True)
         # stderr to a file, not a pipe: a ProxyJump/ProxyCommand child inherits it and lives on.
         with tempfile.TemporaryFile() as err:
             try:
@@ -291,8 +294,9 @@ class OpenSSHTransport(Transport):
                 self.settings.identity_files,
                 ",".join(self.settings.proxy_jump) or None,
             )
-            # The server refuses an expired certificate without saying why: look inside ours.
-            problems = self._certificate_problems() if "refused" in error.message else []
+            # The server refuses an expired certificate without saying why, and ssh without a
+            # terminal skips a locked key: look inside ours.
+            problems = self._key_problems() if "refused" in error.message else []
             if problems:
                 error = type(error)(f"{error.message}; {'; '.join(problems)}", hint=error.hint)
             raise error
@@ -310,12 +314,20 @@ class OpenSSHTransport(Transport):
                 self._add_forward(fwd.remote_host, fwd.remote_port, fwd.local_port)
         self._master_id = self._socket_id()
 
-    def _certificate_problems(self) -> list[str]:
+    def _key_problems(self) -> list[str]:
         from hpclaunch.transport.sshcert import load_certificate
 
-        paths = [*self.settings.certificate_files, *(f"{k}-cert.pub" for k in self.settings.identity_files)]
+        keys = self.settings.identity_files
+        paths = [*self.settings.certificate_files, *(f"{k}-cert.pub" for k in keys)]
         found = (load_certificate(p) for p in dict.fromkeys(paths))
-        return [why for cert in found if cert is not None and (why := cert.problem()) is not None]
+        problems = [why for cert in found if cert is not None and (why := cert.problem()) is not None]
+        problems += [
+            f"key {key} is protected by a passphrase, which ssh cannot ask for without a terminal "
+            f"(run `ssh-add {key}` first, or `hpclaunch connect` in a terminal)"
+            for key in dict.fromkeys(keys)
+            if needs_passphrase(key)
+        ]
+        return problems
 
     def _hop_count(self) -> int:
         """Logins a master start costs: one per ProxyJump hop and the target."""

@@ -16,12 +16,12 @@ import logging
 import os
 import socket
 import sys
-import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from hpclaunch.errors import ConnectionFailed, HostKeyError, HpclaunchWarning
+from hpclaunch.errors import ConnectionFailed, HostKeyError
 from hpclaunch.transport.base import reason
+from hpclaunch.transport.keyfile import warn_if_exposed
 from hpclaunch.transport.sshcert import Certificate, load_certificate
 
 if TYPE_CHECKING:
@@ -60,19 +60,6 @@ def terminal_prompter(title: str, instructions: str, prompts: Sequence[tuple[str
         else:
             answers.append(getpass.getpass(prompt))
     return answers
-
-
-def _warn_if_exposed(path: str) -> None:
-    """OpenSSH refuses a private key file that others can read; we use it, but say how to fix it."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return
-    if mode & 0o066:
-        how = "readable" if mode & 0o044 else "writable"
-        warnings.warn(
-            f"SSH key {path} is {how} by other users; run: chmod 600 {path}", HpclaunchWarning, stacklevel=2
-        )
 
 
 def _public_blob(path: str) -> bytes | None:
@@ -235,7 +222,7 @@ class Authenticator:
             blob = file_blobs[path]
             if blob is not None and blob in tried_blobs:
                 continue  # the agent already offered this one
-            _warn_if_exposed(path)
+            warn_if_exposed(path)
             try:
                 key = paramiko.PKey.from_path(path)
             except (paramiko.PasswordRequiredException, TypeError) as exc:

@@ -64,9 +64,7 @@ def openssh(
 def node_listeners(ss_output: str) -> set[str]:
     """Listening addresses of hpcuser's processes (ss -p names only one's own) on the node. srun's own
     I/O port is on the login host (here the same machine), so it is not the node's."""
-    return {
-        line.split()[3] for line in ss_output.splitlines() if "users:" in line and '(("srun"' not in line
-    }
+    return {line.split()[3] for line in ss_output.splitlines() if "users:" in line and '(("srun"' not in line}
 
 
 def hpcuser_listeners(cluster: Cluster) -> set[str]:

@@ -19,8 +19,8 @@ from hpclaunch.cli import main
 from hpclaunch.errors import HpclaunchWarning
 from hpclaunch.job import Job, log_tail
 from hpclaunch.jupyter.token import REDACTED, new_token, redact
+from hpclaunch.transport import keyfile
 from hpclaunch.transport import ssh as ssh_mod
-from hpclaunch.transport import sshauth
 
 ROOT = Path(__file__).resolve().parents[2]
 PYPROJECT = ROOT / "pyproject.toml"
@@ -177,11 +177,13 @@ def test_ssh_key_open_to_others_warns(tmp_path: Path, mode: int, word: str) -> N
     key.write_text("not really a key\n")
     key.chmod(mode)
     with pytest.warns(HpclaunchWarning, match=f"SSH key {key} is {word} by other users; run: chmod 600"):
-        sshauth._warn_if_exposed(str(key))
+        keyfile.warn_if_exposed(str(key))
+    with pytest.warns(HpclaunchWarning, match=f"SSH key {key} is {word} by other users, so ssh will not"):
+        keyfile.warn_if_exposed(str(key), ignored=True)
     key.chmod(0o600)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        sshauth._warn_if_exposed(str(key))
+        keyfile.warn_if_exposed(str(key))
 
 
 def test_ssh_transport_warns_when_it_loads_an_exposed_key(tmp_path: Path) -> None:
