@@ -446,6 +446,10 @@ class LocalScheduler:
             jobs = [job for job in jobs if (job.name or "").startswith(name_prefix)]
         return jobs
 
+    def tool_steps(self, job_id: str) -> list[str]:
+        """A local job has no steps: nothing joins it."""
+        return []
+
     # -- acting on jobs --------------------------------------------------------------------------------
 
     def cancel(self, job_id: str, *, signal: str | None = None, batch_only: bool = False) -> None:

@@ -98,6 +98,11 @@ class Scheduler(Protocol):
         """End a job (or only signal it); a job that has already ended is not an error."""
         ...
 
+    def tool_steps(self, job_id: str) -> list[str]:
+        """The steps that tools started in a running job (``srun``: shells, ssh sessions); the job's own
+        batch script is not one."""
+        ...
+
     def wait(
         self,
         job_ids: Iterable[str],

@@ -18,12 +18,25 @@ from .ssh_config import ACCESS_OPTION, YES_OPTION, ensure_include
 Examples:
   hpclaunch code --gpus 1 --time 4h --path ~/project --open
   hpclaunch code --no-browser        # print the `code --remote ...` command instead of running it
+  hpclaunch code --idle-timeout 1800 # end the job 30 minutes after the last VS Code window closed
+  hpclaunch code --keep              # Ctrl-C leaves job and entry; end them with `hpclaunch stop JOB`
 """,
 )
 @job_options()
 @click.option("--path", "path", default="~", show_default=True, help="Folder to open on the node.")
 @click.option(
     "--open/--no-browser", "open_code", default=False, help="Run `code --remote ...` (VS Code on PATH)."
+)
+@click.option(
+    "--idle-timeout",
+    type=click.IntRange(0),
+    default=0,
+    envvar="HPCLAUNCH_IDLE_TIMEOUT",
+    show_envvar=True,
+    help="End the job after this many seconds with no session on the node (node_access = step); 0 = never.",
+)
+@click.option(
+    "--keep", is_flag=True, help="On Ctrl-C leave the job and its Host entry (for `hpclaunch stop`)."
 )
 @ACCESS_OPTION
 @YES_OPTION
@@ -34,6 +47,8 @@ def command(
     /,
     path: str,
     open_code: bool,
+    idle_timeout: int,
+    keep: bool,
     access: str | None,
     yes: bool,
     preflight: bool,
@@ -48,6 +63,13 @@ def command(
 
     reject_control_chars("--path", path)
     cluster = app.cluster()
+    mode = NodeAccess(access) if access else cluster.profile.node_access
+    if idle_timeout and mode is not NodeAccess.STEP:
+        # Through the node's own sshd, a session is no step of the job: nothing to see it by.
+        raise click.UsageError(
+            "--idle-timeout needs node_access = step (--access step): in jump mode "
+            "sessions do not pass through the job"
+        )
     use_preflight(cluster, preflight)
     with StatusLine() as line:
         job = hold.start(cluster, given(values), status=line.update)
@@ -55,7 +77,7 @@ def command(
         cluster,
         job,
         path=path,
-        mode=NodeAccess(access) if access else None,
+        mode=mode,
         global_options=app.global_argv(),
     )
 
@@ -68,7 +90,12 @@ def command(
             f"Job {h.job.id} holds {h.target.node if h.target else '?'}; Host {h.alias} is in "
             f"{sshentry.paths().config}."
         )
-        say("Press Ctrl-C to end the job and remove the entry.")
+        if keep:
+            say(f"Press Ctrl-C to leave; the job and the entry stay until `hpclaunch stop {h.job.id}`.")
+        else:
+            say("Press Ctrl-C to end the job and remove the entry.")
+        if idle_timeout:
+            say(f"The job ends {idle_timeout} s after the last session on the node closes.")
         if open_code:
             import subprocess
 
@@ -77,5 +104,10 @@ def command(
             except OSError as exc:
                 say(f"cannot run VS Code's `code`: {exc.strerror or exc}; run the command above yourself")
 
-    session.serve(on_ready=ready)
-    say(f"cancelled job {job.id}; removed Host {session.alias}")
+    why = session.serve(on_ready=ready, keep=keep, idle_timeout=idle_timeout)
+    if why == "kept":
+        say(f"job {job.id} keeps running with Host {session.alias}; end it with: hpclaunch stop {job.id}")
+    elif why == "idle":
+        say(f"no session for {idle_timeout} s: cancelled job {job.id}; removed Host {session.alias}")
+    else:
+        say(f"cancelled job {job.id}; removed Host {session.alias}")

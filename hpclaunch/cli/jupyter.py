@@ -1,4 +1,4 @@
-"""``hpclaunch jupyter``, ``sessions``, ``attach`` and ``stop``: notebooks on compute nodes."""
+"""``hpclaunch jupyter`` and ``attach``: notebooks on compute nodes (``sessions``, ``stop``: sessions.py)."""
 
 from __future__ import annotations
 
@@ -155,60 +155,6 @@ def attach(
     with StatusLine() as line:
         sess = jsession.attach(cluster, job_id, options, status=line.update)
     _serve(sess, keep=True, open_browser=open_browser)
-
-
-@click.command("sessions")
-@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@click.pass_obj
-def sessions(app_ctx: AppContext, as_json: bool) -> None:
-    """List your running notebooks (from Slurm, by hpclaunch's job name, and this machine's record)."""
-    import json
-
-    from ..jupyter import records
-    from ..jupyter.session import JOB_PREFIX, forget_ended
-
-    cluster = app_ctx.cluster()
-    everything = cluster.jobs()  # all of them: a notebook may have been given another --job-name
-    jobs = [job for job in everything if (job.name or "").startswith(JOB_PREFIX)]
-    known = {r["job_id"]: r for r in records.load() if r.get("profile") == cluster.profile.name}
-    forget_ended(cluster, everything)  # ended notebooks: their run directories and records go
-    rows = []
-    for job in jobs:
-        info = job.last_info
-        record = known.get(job.id, {})
-        rows.append(
-            {
-                "job_id": job.id,
-                "state": info.state.value if info else "?",
-                "node": (info.node_list if info else None) or record.get("node"),
-                "started_here": bool(record),
-                "run_dir": record.get("run_dir") or (info.work_dir if info else None),
-            }
-        )
-    if as_json:
-        click.echo(json.dumps(rows, indent=2))
-        return
-    if not rows:
-        say("no running notebooks; start one with: hpclaunch jupyter")
-        return
-    for row in rows:
-        click.echo(
-            f"{row['job_id']:>10}  {row['state']:<10} {row['node'] or '-':<12} "
-            + ("(started here)" if row["started_here"] else "")
-        )
-
-
-@click.command("stop", epilog="Example:\n\n  hpclaunch stop 1234")
-@click.argument("job_ids", nargs=-1, required=True)
-@click.pass_obj
-def stop(app_ctx: AppContext, job_ids: tuple[str, ...]) -> None:
-    """End the notebooks JOB_IDS (cancels their jobs and removes their run directories)."""
-    from ..jupyter.session import stop as stop_notebook
-
-    cluster = app_ctx.cluster()
-    for job_id in job_ids:
-        stop_notebook(cluster, job_id)
-        say(f"stopped notebook job {job_id}")
 
 
 def _serve(

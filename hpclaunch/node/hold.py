@@ -7,15 +7,16 @@ until Ctrl-C (TERM/HUP in the CLI) or the job's end, then removes the entry and 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..config import NodeAccess
 from ..console import no_interrupts
-from ..errors import CannotRun, HpclaunchError, NodeAccessError, WaitTimeout
+from ..errors import CannotRun, HpclaunchError, JobNotFound, NodeAccessError, WaitTimeout
 from ..polling import Backoff, Poller
-from ..states import JobInfo, Phase
+from ..states import JobInfo, JobState, Phase
 from . import access, sshentry
 from .target import NodeTarget, running, while_running
 
@@ -87,24 +88,70 @@ class Hold:
         """The VS Code command that opens the folder on the node."""
         return ["code", "--remote", f"ssh-remote+{self.alias}", self.remote_path]
 
-    def serve(self, *, on_ready: Callable[[Hold], None] | None = None, keep: bool = False) -> None:
-        """Write the entry, call ``on_ready``, wait for Ctrl-C or the job's end; then remove the
-        entry and (unless ``keep``) cancel the job. Raises NodeAccessError when the job ended by itself."""
+    def serve(
+        self,
+        *,
+        on_ready: Callable[[Hold], None] | None = None,
+        keep: bool = False,
+        idle_timeout: float = 0,
+        every: float = 5.0,
+    ) -> str:
+        """Write the entry, call ``on_ready``, wait for Ctrl-C, the job's end or ``idle_timeout``
+        seconds with no tool in the job; then remove the entry and cancel the job, except that
+        ``keep`` leaves both after Ctrl-C (for ``hpclaunch stop``). Returns why it ended (``"stopped"``,
+        ``"kept"``, ``"idle"``); raises NodeAccessError when the job ended by itself."""
         ended: JobInfo | None = None
+        why = "stopped"
         try:  # from the first line on: a Ctrl-C anywhere here still cleans up
             self.target = running(self.cluster, self.job.id)
             access.grant(self.cluster, self.target, global_options=self.global_options, mode=self.mode)
             if on_ready is not None:
                 on_ready(self)
-            ended = while_running(self.cluster, self.job.id)
+            if idle_timeout > 0:
+                ended = self._watch_activity(idle_timeout, every)
+                why = "idle" if ended is None else why
+            else:
+                ended = while_running(self.cluster, self.job.id, every=every)
         except KeyboardInterrupt:
-            pass
+            why = "kept" if keep else why
         finally:
             with no_interrupts():
-                with contextlib.suppress(HpclaunchError, OSError):
-                    access.revoke(self.cluster, self.job.id)
-                if not keep and ended is None:
-                    with contextlib.suppress(HpclaunchError):
-                        self.job.cancel()
+                if why != "kept":
+                    with contextlib.suppress(HpclaunchError, OSError):
+                        access.revoke(self.cluster, self.job.id)
+                    if ended is None:
+                        with contextlib.suppress(HpclaunchError):
+                            self.job.cancel()
         if ended is not None:
             raise NodeAccessError(f"job {ended.describe()} ended; removed Host {self.alias}")
+        return why
+
+    def _watch_activity(self, idle_timeout: float, every: float) -> JobInfo | None:
+        """Block while the job runs and a tool (an ssh session, a shell: each a job step) joined it
+        within the last ``idle_timeout`` seconds; the job's info if it ended, None once idle."""
+        scheduler = self.cluster.scheduler
+        last_active = time.monotonic()
+        for _ in Poller(Backoff(every, every, jitter=0.1)):
+            try:
+                info = self.job.info()
+                steps = scheduler.tool_steps(self.job.id)
+            except JobNotFound:
+                return JobInfo(job_id=self.job.id, state=JobState.UNKNOWN, source="gone")
+            except HpclaunchError:
+                last_active = time.monotonic()  # cannot tell: count it as use, never end on a guess
+                continue
+            if info.is_terminal:
+                return info
+            now = time.monotonic()
+            if steps:
+                last_active = now
+            elif now - last_active >= idle_timeout:
+                return None
+        raise AssertionError("unreachable: the poller has no deadline")
+
+
+def stop(cluster: Submitter, job_id: str) -> bool:
+    """End a kept holding job: remove its entry (and server files), cancel it. Whether an entry was there."""
+    removed = access.revoke(cluster, job_id)
+    cluster.job(job_id).cancel()
+    return removed

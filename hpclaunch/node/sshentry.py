@@ -189,6 +189,13 @@ def has_entry(job_id: str, where: Paths | None = None) -> bool:
     return any(line.strip() == f"Host {alias(job_id)}" for line in _read(where.config).splitlines())
 
 
+def job_ids(where: Paths | None = None) -> list[str]:
+    """The jobs that have an entry, in file order."""
+    where = where or paths()
+    found = (re.match(r"# hpclaunch job (\S+):", line) for line in _read(where.config).splitlines())
+    return [match.group(1) for match in found if match]
+
+
 def include_present(where: Paths | None = None) -> bool:
     """Whether the user's ``~/.ssh/config`` already includes our file (by this exact path)."""
     where = where or paths()

@@ -446,6 +446,13 @@ class SlurmClient:
             jobs = [job for job in jobs if (job.name or "").startswith(name_prefix)]
         return jobs
 
+    def tool_steps(self, job_id: str) -> list[str]:
+        result = self._run(parse.steps_argv(job_id))
+        if not result.ok:
+            text = result.stderr or result.stdout
+            raise SlurmError(f"squeue --steps failed for job {job_id}: {parse.slurm_message(text)}")
+        return parse.parse_tool_steps(result.stdout, job_id)
+
     # -- acting on jobs --------------------------------------------------------------------------------
 
     def cancel(self, job_id: str, *, signal: str | None = None, batch_only: bool = False) -> None:

@@ -86,6 +86,22 @@ def squeue_argv(
     return argv
 
 
+def steps_argv(job_id: str) -> list[str]:
+    """``squeue --steps`` of one job: a step id per line."""
+    return ["squeue", "--noheader", "--steps", f"--jobs={job_id}", "--format=%i"]
+
+
+def parse_tool_steps(stdout: str, job_id: str) -> list[str]:
+    """The job's ``srun`` steps (``JOB.0``, ``JOB.1``, ...): the tools that joined it. The allocation's
+    own steps (``batch``, ``extern``, ``interactive``) are named, not numbered."""
+    steps = []
+    for line in stdout.split():
+        base, _, step = line.strip().partition(".")
+        if base == job_id and step.isdigit():
+            steps.append(line.strip())
+    return steps
+
+
 def scontrol_argv(job_id: str | None = None) -> list[str]:
     """``scontrol -o show job [id]``: one line per job; without an id, every job the controller holds."""
     argv = ["scontrol", "--oneliner", "show", "job"]

@@ -277,6 +277,82 @@ def test_code_prints_the_command_and_cleans_up_on_a_signal(
     assert cluster.job(job_id).info().is_terminal
 
 
+def start_code(env: dict[str, str], *args: str) -> tuple[subprocess.Popen[str], str]:
+    """``hpclaunch code --no-browser`` until it has printed the command; the process and the job id."""
+    proc = subprocess.Popen(
+        hpclaunch_argv("code", "--no-browser", "--yes", *args),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    assert line.startswith("code --remote ssh-remote+hpclaunch-"), (line, proc.stderr and proc.stderr.read())
+    return proc, line.split("ssh-remote+hpclaunch-")[1].split()[0]
+
+
+def test_code_idle_timeout_ends_the_job_once_no_session_is_left(
+    cluster: Cluster, env: dict[str, str]
+) -> None:
+    proc, job_id = start_code(env, "--idle-timeout", "8")
+    try:
+        # A session longer than the idle time (a VS Code window open) keeps the job: it is a step.
+        session = openssh(env, job_id, "sleep 15; echo $SLURM_JOB_ID")
+        assert session.stdout.strip() == job_id, session.stderr
+        assert not cluster.job(job_id).info().is_terminal
+        assert proc.poll() is None
+        _, err = proc.communicate(timeout=60)  # no session now: about 8 s later it ends by itself
+        assert proc.returncode == 0, err
+        assert f"no session for 8 s: cancelled job {job_id}" in err, err
+    finally:
+        proc.kill()
+        proc.wait()
+    assert f"hpclaunch-{job_id}" not in generated_config(env).read_text()
+    assert cluster.job(job_id).info().is_terminal
+
+
+def test_code_keep_leaves_job_and_entry_for_sessions_and_stop(cluster: Cluster, env: dict[str, str]) -> None:
+    import json
+
+    proc, job_id = start_code(env, "--keep")
+    try:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err
+        assert f"end it with: hpclaunch stop {job_id}" in err, err
+        # The command is gone; VS Code's way in is not.
+        assert openssh(env, job_id, "echo $SLURM_JOB_ID").stdout.strip() == job_id
+        listing = run_hpclaunch(env, "sessions", "--json")
+        assert listing.returncode == 0, listing.stderr
+        row = next(r for r in json.loads(listing.stdout) if r["job_id"] == job_id)
+        assert row["kind"] == "code" and row["host_entry"] == f"hpclaunch-{job_id}", row
+        assert row["state"] == "RUNNING", row
+        text = run_hpclaunch(env, "sessions").stdout
+        assert any(
+            ln.split()[:2] == [job_id, "code"] and f"ssh hpclaunch-{job_id}" in ln for ln in text.splitlines()
+        )
+        stopped = run_hpclaunch(env, "stop", job_id)
+        assert stopped.returncode == 0, stopped.stderr
+        assert f"removed Host hpclaunch-{job_id}" in stopped.stderr
+    finally:
+        proc.kill()
+        proc.wait()
+        cluster.job(job_id).cancel()
+    assert f"hpclaunch-{job_id}" not in generated_config(env).read_text()
+    assert cluster.job(job_id).wait(timeout=60).is_terminal
+
+
+def test_code_idle_timeout_in_jump_mode_is_refused_before_submitting(
+    cluster: Cluster, env: dict[str, str]
+) -> None:
+    before = {job.id for job in cluster.jobs()}
+    result = run_hpclaunch(env, "code", "--no-browser", "--access", "jump", "--idle-timeout", "60")
+    assert result.returncode == 2, result.stderr
+    assert "--idle-timeout needs node_access = step" in result.stderr and "Traceback" not in result.stderr
+    assert {job.id for job in cluster.jobs()} == before
+
+
 # --- bad input --------------------------------------------------------------------------------------
 
 

@@ -140,6 +140,8 @@ OPTION_BAD: dict[tuple[str, str], tuple[str | None, str]] = {
     ("code", "--access"): ("rsh", "is not one of"),
     ("code", "--yes"): (None, NO_VALUE),
     ("code", "--preflight"): (None, NO_VALUE),
+    ("code", "--idle-timeout"): ("-5", "not in the range"),
+    ("code", "--keep"): (None, NO_VALUE),
 }
 
 #: (command, argument) -> (full argv, expected fragment)

@@ -663,3 +663,10 @@ def test_invalid_ids_are_refused_before_any_command() -> None:
     with pytest.raises(SlurmError):
         client.states(["1", "2,3"])
     assert transport.commands_run == 0
+
+
+def test_tool_steps_are_the_numbered_steps_of_that_job() -> None:
+    out = "123.batch\n123.extern\n123.0\n123.12\n1234.1\n123.interactive\n"
+    assert parse.parse_tool_steps(out, "123") == ["123.0", "123.12"]
+    assert parse.parse_tool_steps("", "123") == []
+    assert parse.steps_argv("123")[:3] == ["squeue", "--noheader", "--steps"]
