@@ -5,7 +5,9 @@ login shell reads; ``ssh host cmd`` runs a plain non-login shell. A login shell 
 login each time (tens of ms, seconds with conda hooks), so the login shell runs ONCE per connection and
 prints its environment (``env -0``) between two random markers: whatever ``~/.bash_profile`` or profile.d
 prints lies outside them and never reaches a parser. Each command then runs as ``env -i K=V ... argv``:
-one more exec on the far side, the argv quoted once, as before.
+one more exec on the far side, the argv quoted once, as before. With the OpenSSH transport the connection
+(its ControlMaster) outlives each CLI process, so the captured environment is kept beside the master's
+socket for the next process: a warm command is one round trip.
 
 Shared by both SSH transports and free of I/O: the transport hands :meth:`LoginEnv.command` a key for its
 current connection and a function that runs one raw command string; see that method.
@@ -13,6 +15,9 @@ current connection and a function that runs one raw command string; see that met
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
 import secrets
 import shlex
 import threading
@@ -84,8 +89,14 @@ def login_prefix(login: Mapping[str, str]) -> str:
 class LoginEnv:
     """The login environment of one transport's current connection, captured on first use."""
 
-    def __init__(self, where: str, *, enabled: bool = True, timeout: float | None = None) -> None:
+    def __init__(
+        self, where: str, *, enabled: bool = True, timeout: float | None = None, cache: str | None = None
+    ) -> None:
+        """``cache``: a file in a private (0700) directory where the captured environment waits for the
+        next process on the same connection (the OpenSSH master outlives us): a warm command then
+        costs no login shell. Written 0600; used only while the connection's key matches."""
         self.where = where
+        self.cache = cache
         #: False: commands run in the plain environment (the profile's ``login_shell = false``, or the
         #: login shell failed once: a broken profile does not mend itself within one session).
         self.enabled = enabled
@@ -115,7 +126,7 @@ class LoginEnv:
         if not self.enabled:
             return plain_command(argv, env)
         with self._lock:
-            if self._env is None or key != self._key:
+            if (self._env is None or key != self._key) and not self._load(key):
                 self._capture(key, capture)
             if not self.enabled:
                 return plain_command(argv, env)
@@ -138,6 +149,37 @@ class LoginEnv:
         if len(prefix.encode()) > MAX_ENV_BYTES:
             return self._give_up(f"gives an environment of {len(prefix.encode())} bytes, too big to pass")
         self._key, self._env, self._prefix = key, env, prefix
+        self._save(key, env)
+
+    def _load(self, key: object) -> bool:
+        """The environment another process captured on this very connection, if there is one."""
+        if self.cache is None or key is None:
+            return False
+        try:
+            with open(self.cache, encoding="utf-8") as file:
+                saved = json.load(file)
+        except (OSError, ValueError):
+            return False
+        if not isinstance(saved, dict) or saved.get("key") != _jsonable(key):
+            return False
+        env = saved.get("env")
+        if not isinstance(env, dict):
+            return False
+        self._key, self._env, self._prefix = key, env, login_prefix(env)
+        return True
+
+    def _save(self, key: object, env: Mapping[str, str]) -> None:
+        if self.cache is None or key is None:
+            return
+        tmp = f"{self.cache}.{os.getpid()}.tmp"
+        try:
+            fd = os.open(tmp, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o600)
+            with os.fdopen(fd, "w", encoding="utf-8") as file:
+                json.dump({"key": _jsonable(key), "env": dict(env)}, file)
+            os.replace(tmp, self.cache)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
 
     def _give_up(self, problem: str) -> None:
         self.enabled = False
@@ -147,3 +189,8 @@ class LoginEnv:
             HpclaunchWarning,
             stacklevel=4,
         )
+
+
+def _jsonable(key: object) -> object:
+    """A connection key as JSON gives it back (tuples come back as lists)."""
+    return list(key) if isinstance(key, tuple) else key

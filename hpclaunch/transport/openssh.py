@@ -183,8 +183,8 @@ class OpenSSHTransport(Transport):
         self._hops: int | None = None
         self._forwards: list[Forward] = []
         #: The socket of the master this process started last (its forwards are already on it).
-        self._master_id: int | None = None
-        self.login_env = LoginEnv(self.description, enabled=login_shell)
+        self._master_id: tuple[int, int] | None = None
+        self.login_env = LoginEnv(self.description, enabled=login_shell, cache=self.control_path + ".env")
 
     @property
     def description(self) -> str:
@@ -207,12 +207,14 @@ class OpenSSHTransport(Transport):
             sock.close()
         return True
 
-    def _socket_id(self) -> int | None:
-        """Changes when a new master binds the socket (so a forward knows to add itself again)."""
+    def _socket_id(self) -> tuple[int, int] | None:
+        """Changes when a new master binds the socket (so a forward knows to add itself again, and a
+        saved login environment is not reused); the inode alone may be reused by the next socket."""
         try:
-            return os.stat(self.control_path).st_ino
+            st = os.stat(self.control_path)
         except OSError:
             return None
+        return (st.st_ino, st.st_mtime_ns)
 
     @contextlib.contextmanager
     def _master_lock(self) -> Iterator[None]:
@@ -259,8 +261,9 @@ class OpenSSHTransport(Transport):
         ]
 
     def _start_master(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.control_path)  # a master killed hard leaves its socket behind
+        for stale in (self.control_path, self.control_path + ".env"):  # a master killed hard leaves them
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(stale)
         if self._accept_new:
             self._prepare_known_hosts()
         for path in dict.fromkeys(self.settings.identity_files):
@@ -368,6 +371,8 @@ class OpenSSHTransport(Transport):
                 os.unlink(self.control_path)
             return False
         self._control("exit")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.control_path + ".env")
         deadline = time.monotonic() + 5
         while self._alive() and time.monotonic() < deadline:
             time.sleep(0.02)

@@ -5,6 +5,9 @@ warning line, not a hang, when ~/.bash_profile is broken."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,6 +18,7 @@ from hpclaunch import config as config_mod
 from hpclaunch.cluster import Cluster
 from hpclaunch.errors import HpclaunchWarning
 from hpclaunch.transport import loginenv
+from hpclaunch.transport.runtime import ENV as RUNTIME_ENV
 
 from .conftest import bash_profile, profile_env, run_hpclaunch
 
@@ -24,6 +28,12 @@ if TYPE_CHECKING:
 pytestmark = [pytest.mark.cluster, pytest.mark.usefixtures("talking_login")]
 
 SITE_COMMAND = "hpclaunch-site-only"  # scripts/dev-cluster: SITE_COMMAND in SITE_BIN
+
+
+@pytest.fixture(autouse=True)
+def _fresh_masters(control_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test logs in anew (an OpenSSH master keeps the captured environment for later processes)."""
+    monkeypatch.setenv(RUNTIME_ENV, control_dir)
 
 
 @pytest.fixture
@@ -91,3 +101,23 @@ def test_a_failing_login_shell_is_one_warning_line_in_the_cli(
     assert len(warning) == 1, result.stderr
     assert "login shell" in warning[0] and "bash_profile: line 1: oops" in warning[0]
     assert "Traceback" not in result.stderr
+
+
+def test_later_cli_commands_on_the_same_master_run_no_login_shell(
+    dev_cluster: DevCluster, tmp_path: Path
+) -> None:
+    """The OpenSSH master outlives each command: the environment captured by the first waits (0600, in
+    the private runtime directory) for the next, so a warm command costs one round trip, not two."""
+    env = profile_env(dev_cluster, tmp_path, extra='transport = "openssh"\n')
+    count = "$HOME/.hpclaunch-test-login-shells"
+    with bash_profile(dev_cluster, f"echo run >> {count}\n"):
+        for args in [("connect",), ("status",), ("status",), ("submit", "run", "--wait", "--", SITE_COMMAND)]:
+            result = run_hpclaunch(env, *args)
+            assert result.returncode == 0, (args, result.stderr)
+        shells = subprocess.run(
+            dev_cluster.ssh_argv(f"cat {count}; rm -f {count}"), capture_output=True, text=True, timeout=30
+        )
+    assert shells.stdout.split() == ["run"], shells.stdout  # one login shell for four commands
+    saved = [n for n in os.listdir(os.environ[RUNTIME_ENV]) if n.endswith(".env")]
+    assert len(saved) == 1
+    assert stat.S_IMODE(os.stat(os.path.join(os.environ[RUNTIME_ENV], saved[0])).st_mode) == 0o600

@@ -182,3 +182,31 @@ def test_an_environment_too_big_to_pass_is_not_used(login: Login, monkeypatch: p
     with pytest.warns(HpclaunchWarning, match="too big to pass"):
         command = le.command("c", ["echo", "hi"], None, login.capture)
     assert shlex.split(command) == ["echo", "hi"]
+
+
+def test_a_saved_environment_serves_the_next_process_on_the_same_connection(
+    login: Login, tmp_path: Path
+) -> None:
+    cache = str(tmp_path / "ssh-abc.env")
+    first = LoginEnv("test-host", cache=cache)
+    site = login.sh(first.command((7, 1), ["site-only"], None, login.capture))
+    assert site.stdout == "site-only: LOGIN_ONLY=yes args=0\n"
+    assert os.stat(cache).st_mode & 0o777 == 0o600
+    # A later process on the same master: no login shell, the same environment.
+    second = LoginEnv("test-host", cache=cache)
+    again = login.sh(second.command((7, 1), ["site-only"], None, login.capture))
+    assert again.stdout == site.stdout
+    assert second.captures == 0 and len(login.captures) == 1
+    # Another master (same inode, another birth): captured anew, never the stale one.
+    third = LoginEnv("test-host", cache=cache)
+    third.command((7, 2), ["true"], None, login.capture)
+    assert third.captures == 1 and len(login.captures) == 2
+
+
+@pytest.mark.parametrize("text", ["", "not json", '{"key": [7, 1], "env": "x"}', "[1, 2]"])
+def test_a_broken_saved_environment_is_captured_again(login: Login, tmp_path: Path, text: str) -> None:
+    cache = tmp_path / "ssh-abc.env"
+    cache.write_text(text)
+    le = LoginEnv("test-host", cache=str(cache))
+    le.command((7, 1), ["true"], None, login.capture)
+    assert le.captures == 1
