@@ -309,7 +309,7 @@ def test_code_idle_timeout_ends_the_job_once_no_session_is_left(
         proc.kill()
         proc.wait()
     assert f"hpclaunch-{job_id}" not in generated_config(env).read_text()
-    assert cluster.job(job_id).info().is_terminal
+    assert cluster.job(job_id).wait(timeout=60).is_terminal  # past COMPLETING
 
 
 def test_code_keep_leaves_job_and_entry_for_sessions_and_stop(cluster: Cluster, env: dict[str, str]) -> None:
