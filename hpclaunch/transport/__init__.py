@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from hpclaunch.transport.base import CommandResult, Forward, ForwardStatus, PathNotFound, Transport
-from hpclaunch.transport.local import LocalTransport
 
 if TYPE_CHECKING:
+    from hpclaunch.transport.local import LocalTransport
     from hpclaunch.transport.openssh import OpenSSHTransport
     from hpclaunch.transport.ssh import SSHTransport
     from hpclaunch.transport.sshauth import Prompter
@@ -58,6 +58,8 @@ def connect(
     once per connection); locally the process environment is already the login one and is used as is.
     """
     if not host:
+        from hpclaunch.transport.local import LocalTransport
+
         return LocalTransport()
     from hpclaunch.transport.choice import OPENSSH, choose
 
@@ -95,7 +97,12 @@ def connect(
 
 
 def __getattr__(name: str) -> object:
-    # ``from hpclaunch.transport import SSHTransport`` without importing paramiko up front.
+    # Each transport's module loads when it is used: paramiko not up front, and an SSH profile never
+    # imports the local transport.
+    if name == "LocalTransport":
+        from hpclaunch.transport.local import LocalTransport
+
+        return LocalTransport
     if name == "SSHTransport":
         from hpclaunch.transport.ssh import SSHTransport
 

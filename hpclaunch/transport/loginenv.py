@@ -90,12 +90,18 @@ class LoginEnv:
     """The login environment of one transport's current connection, captured on first use."""
 
     def __init__(
-        self, where: str, *, enabled: bool = True, timeout: float | None = None, cache: str | None = None
+        self,
+        where: str | Callable[[], str],
+        *,
+        enabled: bool = True,
+        timeout: float | None = None,
+        cache: str | None = None,
     ) -> None:
         """``cache``: a file in a private (0700) directory where the captured environment waits for the
         next process on the same connection (the OpenSSH master outlives us): a warm command then
-        costs no login shell. Written 0600; used only while the connection's key matches."""
-        self.where = where
+        costs no login shell. Written 0600; used only while the connection's key matches. ``where``
+        names the host in warnings (a function: asked only when there is something to say)."""
+        self._where = where
         self.cache = cache
         #: False: commands run in the plain environment (the profile's ``login_shell = false``, or the
         #: login shell failed once: a broken profile does not mend itself within one session).
@@ -107,6 +113,10 @@ class LoginEnv:
         self._key: object = None
         self._env: dict[str, str] | None = None
         self._prefix = ""
+
+    @property
+    def where(self) -> str:
+        return self._where if isinstance(self._where, str) else self._where()
 
     @property
     def environment(self) -> Mapping[str, str] | None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import logging
 import os
@@ -46,7 +47,7 @@ from hpclaunch.errors import (
     TransportError,
     TunnelError,
 )
-from hpclaunch.transport import runtime, sshfailure
+from hpclaunch.transport import runtime
 from hpclaunch.transport.base import (
     CommandResult,
     Forward,
@@ -59,8 +60,7 @@ from hpclaunch.transport.base import (
     short_command,
 )
 from hpclaunch.transport.hostkeys import accept_new_from_env
-from hpclaunch.transport.hostsettings import Resolver
-from hpclaunch.transport.keyfile import needs_passphrase, warn_if_exposed
+from hpclaunch.transport.hostsettings import HostSettings, Resolver
 from hpclaunch.transport.loginenv import LoginEnv
 
 log = logging.getLogger(__name__)
@@ -125,13 +125,9 @@ class OpenSSHTransport(Transport):
             openssh=True,
         )
         self.alias = host
-        #: Where and as whom, as OpenSSH resolves it (``ssh -G``): for messages and hop counts.
-        self.settings = self.resolver.host(host, user=user, port=port)
-        if proxy_jump:
-            self.settings = replace(self.settings, proxy_jump=(proxy_jump,), proxy_command=None)
+        self._user, self._port, self._proxy_jump = user, port, proxy_jump
         self.persist = max(0, int(persist))
-        accept = accept_new_host_key or accept_new_from_env() or self.settings.accept_new_in_config
-        self._accept_new = accept
+        self._accept_new_asked = accept_new_host_key or accept_new_from_env()
         self._known_hosts = known_hosts_file
         # One master per distinct way of connecting: OpenSSH's %C hashes only host, port and user, so
         # two profiles with different keys or configs would share (and bypass) each other's login.
@@ -167,10 +163,6 @@ class OpenSSHTransport(Transport):
             opts += ["-J", proxy_jump]
         if known_hosts_file:
             opts += _option("UserKnownHostsFile", os.path.expanduser(known_hosts_file))
-        opts += _option("StrictHostKeyChecking", "accept-new" if accept else "yes")
-        opts += _option("ServerAliveInterval", str(self.settings.keepalive))
-        opts += _option("ServerAliveCountMax", "3")
-        opts += _option("ConnectTimeout", str(max(1, int(self.settings.connect_timeout))))
         opts += _option("ControlPath", self.control_path.replace("%", "%%"))
         opts += _option("LogLevel", "ERROR")
         self._opts = opts
@@ -184,7 +176,22 @@ class OpenSSHTransport(Transport):
         self._forwards: list[Forward] = []
         #: The socket of the master this process started last (its forwards are already on it).
         self._master_id: tuple[int, int] | None = None
-        self.login_env = LoginEnv(self.description, enabled=login_shell, cache=self.control_path + ".env")
+        self.login_env = LoginEnv(
+            lambda: self.description, enabled=login_shell, cache=self.control_path + ".env"
+        )
+
+    @functools.cached_property
+    def settings(self) -> HostSettings:
+        """Where and as whom, as OpenSSH resolves it (``ssh -G``): for the login and its messages. Not
+        needed while a master answers, so a warm command spawns no ``ssh -G``."""
+        settings = self.resolver.host(self.alias, user=self._user, port=self._port)
+        if self._proxy_jump:
+            settings = replace(settings, proxy_jump=(self._proxy_jump,), proxy_command=None)
+        return settings
+
+    @property
+    def _accept_new(self) -> bool:
+        return self._accept_new_asked or self.settings.accept_new_in_config
 
     @property
     def description(self) -> str:
@@ -248,6 +255,11 @@ class OpenSSHTransport(Transport):
         return [
             self.ssh,
             *self._opts,
+            # Only the master logs in: host keys, keepalives and the connect timeout are its business.
+            *_option("StrictHostKeyChecking", "accept-new" if self._accept_new else "yes"),
+            *_option("ServerAliveInterval", str(self.settings.keepalive)),
+            *_option("ServerAliveCountMax", "3"),
+            *_option("ConnectTimeout", str(max(1, int(self.settings.connect_timeout)))),
             *_option("ControlMaster", "yes"),
             *_option("ControlPersist", persist),
             # Our master binds no LocalForward/RemoteForward of the user's config (their own sessions
@@ -266,6 +278,10 @@ class OpenSSHTransport(Transport):
                 os.unlink(stale)
         if self._accept_new:
             self._prepare_known_hosts()
+        # Only a login needs these: a warm command imports neither.
+        from hpclaunch.transport import sshfailure
+        from hpclaunch.transport.keyfile import warn_if_exposed
+
         for path in dict.fromkeys(self.settings.identity_files):
             warn_if_exposed(path, ignored=True)
         # stderr to a file, not a pipe: a ProxyJump/ProxyCommand child inherits it and lives on.
@@ -318,6 +334,7 @@ class OpenSSHTransport(Transport):
         self._master_id = self._socket_id()
 
     def _key_problems(self) -> list[str]:
+        from hpclaunch.transport.keyfile import needs_passphrase
         from hpclaunch.transport.sshcert import load_certificate
 
         keys = self.settings.identity_files
