@@ -151,6 +151,9 @@ class Task:
     defaults: dict[str, Any] = field(default_factory=dict)
     #: other datasets with the same shape: name -> loader (MNIST LeNet-5 also trains on "digits")
     extra_datasets: dict[str, Callable[[Path], tuple[Split, Split]]] = field(default_factory=dict)
+    #: options a dataset needs other values of, where the command line does not give them (a small set
+    #: takes more epochs): dataset -> {argparse dest: value}
+    dataset_defaults: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def scaled_lr(lr: float, global_batch: int, ref_batch: int, rule: str) -> float:
@@ -192,7 +195,17 @@ def make_parser(task: Task, description: str) -> argparse.ArgumentParser:
         default=Path(os.environ.get("HPCLAUNCH_RUN_DIR", ".")),
         help=f"where {CHECKPOINT}, {METRICS}, {PLOT} and {FINAL_MODEL} go (env HPCLAUNCH_RUN_DIR)",
     )
-    p.add_argument("--epochs", type=int, default=d["epochs"], help="number of epochs to train")
+    per_dataset = "; ".join(
+        f"{name}: {values['epochs']}" for name, values in task.dataset_defaults.items() if "epochs" in values
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"number of epochs to train (default: {d['epochs']}"
+        + (f"; {per_dataset}" if per_dataset else "")
+        + ")%(default).0s",
+    )
     p.add_argument(
         "--batch-size",
         type=int,
@@ -301,9 +314,22 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--lr must be positive, got {args.lr}")
 
 
+def apply_dataset_defaults(task: Task, args: argparse.Namespace) -> None:
+    """Options left at None on the command line: the dataset's own value, else the task's."""
+    values: dict[str, Any] = {"epochs": task.defaults.get("epochs", 10)}
+    values.update(
+        {k: task.defaults[k] for ds in task.dataset_defaults.values() for k in ds if k in task.defaults}
+    )
+    values.update(task.dataset_defaults.get(args.dataset, {}))
+    for dest, value in values.items():
+        if getattr(args, dest, None) is None:
+            setattr(args, dest, value)
+
+
 def main(task: Task, parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> int:
     """Parse, run, and turn DataError into one line on stderr with exit status 2."""
     args = parser.parse_args(argv)
+    apply_dataset_defaults(task, args)
     check_args(parser, args)
     try:
         code = run(task, args)
@@ -839,6 +865,7 @@ def dry_run(tr: Trainer, args: argparse.Namespace, s: Setup, t_start: float) -> 
 
 def run(task: Task, args: argparse.Namespace) -> int:
     t_start = clock()
+    apply_dataset_defaults(task, args)  # idempotent: main did it already, a caller of run() may not
     s = setup(task, args)
     train, test = load_data(task, args, s)
     s.group = init_distributed(s.env, s.device, log)

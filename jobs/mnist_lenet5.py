@@ -86,14 +86,29 @@ TASK = hpctrain.Task(
     lr_at=lr_at,
     # Batch 128 on CPU; on a GPU LeNet-5 is kernel-launch bound below ~1024. --lr is for batch 128 and
     # scales with the square root of the global batch (Adam).
-    defaults={"epochs": 10, "batch_size": 128, "gpu_batch_size": 1024, "lr": 2e-3, "lr_scaling": "sqrt"},
+    defaults={
+        "epochs": 10,
+        "batch_size": 128,
+        "gpu_batch_size": 1024,
+        "lr": 2e-3,
+        "lr_scaling": "sqrt",
+        "gamma": 0.7,
+    },
     extra_datasets={"digits": hpctrain.load_digits},
+    # 1,437 images are 11 steps an epoch at batch 128: they need more epochs and a slower decay to
+    # reach 95 % (10 epochs at 0.7 stop at about 94 %).
+    dataset_defaults={"digits": {"epochs": 20, "gamma": 0.85}},
 )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = hpctrain.make_parser(TASK, description=__doc__.splitlines()[0])
-    parser.add_argument("--gamma", type=float, default=0.7, help="learning-rate decay per epoch (Adam)")
+    parser.add_argument(
+        "--gamma",
+        type=float,
+        default=None,
+        help="learning-rate decay per epoch (Adam) (default: 0.7; digits: 0.85)%(default).0s",
+    )
     return hpctrain.main(TASK, parser, argv)
 
 

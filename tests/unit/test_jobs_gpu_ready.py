@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -336,3 +337,38 @@ def test_gpu_check_tiny_runs_on_the_cpu(tmp_path: Path) -> None:
     assert results["summary"]["errors"] == [] and results["preemption"]["ok"] is True
     assert results["preemption"]["first_exit"] == 75 and results["gloo_1rank"]["ok"] is True
     assert (tmp_path / "logs" / "preempt_resumed.log").is_file()
+
+
+def test_digits_takes_its_own_defaults_unless_given() -> None:
+    """1,437 real digits need 20 epochs at gamma 0.85 for 95 %; MNIST keeps 10 at 0.7; a flag wins."""
+    parser = hpctrain.make_parser(mnist_lenet5.TASK, "test")
+    parser.add_argument("--gamma", type=float, default=None)
+
+    def resolved(*argv: str) -> tuple[int, float]:
+        args = parser.parse_args(list(argv))
+        hpctrain.apply_dataset_defaults(mnist_lenet5.TASK, args)
+        return args.epochs, args.gamma
+
+    assert resolved("--dataset", "digits") == (20, 0.85)
+    assert resolved() == (10, 0.7)
+    assert resolved("--dataset", "synthetic") == (10, 0.7)
+    assert resolved("--dataset", "digits", "--epochs", "3", "--gamma", "0.5") == (3, 0.5)
+
+
+def test_train_throughput_prints_the_ratio_and_both_accuracies_on_real_digits() -> None:
+    """The CPU benchmark runs both pipelines on the real digits; its numbers are not asserted (noisy
+    machines), only that it measured both and that both learned."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "train_throughput.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "real digits (scikit-learn)" in result.stdout
+    ratio = [ln for ln in result.stdout.splitlines() if ln.startswith("speed-up bundled/textbook:")]
+    assert len(ratio) == 1, result.stdout
+    found = re.search(r"test accuracy bundled (0\.\d+), textbook (0\.\d+)", ratio[0])
+    assert found, ratio[0]
+    assert min(float(found.group(1)), float(found.group(2))) > 0.5, ratio[0]  # 3 epochs: learning
