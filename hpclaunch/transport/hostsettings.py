@@ -4,7 +4,8 @@ The config is evaluated by OpenSSH itself (``ssh -G``) where an ``ssh`` binary e
 :mod:`~hpclaunch.transport.sshconfig` in Python. Used: HostName, User, Port, IdentityFile,
 CertificateFile, IdentitiesOnly, IdentityAgent, ProxyJump (each hop resolved the same way),
 ProxyCommand, UserKnownHostsFile, GlobalKnownHostsFile, HostKeyAlias, HashKnownHosts,
-StrictHostKeyChecking (``accept-new`` opts in), ServerAliveInterval and ConnectTimeout.
+StrictHostKeyChecking (``accept-new`` opts in), ServerAliveInterval, ConnectTimeout, and
+GSSAPIAuthentication and PubkeyAuthentication (read to explain a refused login: paramiko has no GSSAPI).
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ class HostSettings:
     accept_new_in_config: bool = False
     keepalive: int = DEFAULT_KEEPALIVE
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    #: GSSAPIAuthentication: the config asks for Kerberos logins (OpenSSH's default is no).
+    gssapi_authentication: bool = False
+    #: PubkeyAuthentication (OpenSSH's default is yes).
+    pubkey_authentication: bool = True
 
     @property
     def target(self) -> str:
@@ -76,6 +81,10 @@ def _as_int(value: str | None, default: int, key: str) -> int:
 
 def _yes(value: str | None) -> bool:
     return (value or "").strip().lower() in ("yes", "true", "on")
+
+
+def _no(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("no", "false", "off")
 
 
 def _paths(value: str | None, default: Sequence[str]) -> tuple[str, ...]:
@@ -119,8 +128,13 @@ def resolve(
     configured = list(opts.get("identityfile", []))
     if tuple(configured) == sshconfig.OPENSSH_DEFAULT_IDENTITIES:
         configured = []  # what ssh -G lists when nothing is configured
+    # `IdentityFile none` is configured, as no file at all (a Kerberos-only host has no key).
+    explicit_none = bool(configured) and all(f.strip().lower() == "none" for f in configured)
+    configured = [f for f in configured if f.strip().lower() != "none"]
     # OpenSSH: -i files come before the config's; the defaults only when nothing is configured.
-    files = [*identity_files, *configured] or list(DEFAULT_IDENTITY_FILES)
+    files = [*identity_files, *configured]
+    if not files and not explicit_none:
+        files = list(DEFAULT_IDENTITY_FILES)
     timeout = connect_timeout
     if timeout is None:
         text = first(opts, "connecttimeout")
@@ -154,6 +168,8 @@ def resolve(
         accept_new_in_config=strict in ("accept-new", "no", "off", "false"),
         keepalive=keepalive,
         connect_timeout=timeout,
+        gssapi_authentication=_yes(first(opts, "gssapiauthentication")),
+        pubkey_authentication=not _no(first(opts, "pubkeyauthentication")),
     )
 
 

@@ -278,8 +278,8 @@ class OpenSSHTransport(Transport):
                 os.unlink(stale)
         if self._accept_new:
             self._prepare_known_hosts()
-        # Only a login needs these: a warm command imports neither.
-        from hpclaunch.transport import sshfailure
+        # Only a login needs these: a warm command imports none of them.
+        from hpclaunch.transport import kerberos, sshfailure
         from hpclaunch.transport.keyfile import warn_if_exposed
 
         for path in dict.fromkeys(self.settings.identity_files):
@@ -305,13 +305,19 @@ class OpenSSHTransport(Transport):
         with self._count_lock:
             self.connections_opened += self._hop_count()
         if proc.returncode != 0:
+            s = self.settings
+            # Only the keys ssh could offer: with none, a refused Kerberos login is the whole story.
+            keys = tuple(k for k in s.identity_files if os.path.exists(k)) if s.pubkey_authentication else ()
+            asked = s.gssapi_authentication and "Permission denied" in stderr
             error = sshfailure.login_failure(
                 stderr,
                 self.description,
                 self.alias,
                 self.resolver.config_name,
-                self.settings.identity_files,
-                ",".join(self.settings.proxy_jump) or None,
+                keys,
+                ",".join(s.proxy_jump) or None,
+                gssapi=s.gssapi_authentication,
+                ticket=kerberos.has_ticket() if asked else None,
             )
             # The server refuses an expired certificate without saying why, and ssh without a
             # terminal skips a locked key: look inside ours.

@@ -36,6 +36,11 @@ Prompter = Callable[[str, str, Sequence[tuple[str, bool]]], Sequence[str]]
 
 #: A human typing a one-time code needs longer than paramiko's 30 s auth timeout.
 INTERACTIVE_AUTH_TIMEOUT = 300.0
+#: paramiko 5 removed GSSAPI; the system ssh does Kerberos.
+NO_GSSAPI = (
+    "the ssh config asks for Kerberos (GSSAPIAuthentication yes), which the paramiko transport cannot do"
+)
+USE_OPENSSH = 'use the OpenSSH transport: transport = "openssh" in the profile (or --transport openssh)'
 
 
 def terminal_prompter(title: str, instructions: str, prompts: Sequence[tuple[str, bool]]) -> Sequence[str]:
@@ -116,9 +121,10 @@ class Authenticator:
             # paramiko 5 has no GSSAPI at all: no retry here can work, the OpenSSH transport can.
             raise ConnectionFailed(
                 f"{where}: it accepts only Kerberos (GSSAPI), which the paramiko transport cannot do",
-                hint='use the OpenSSH transport: transport = "openssh" in the profile '
-                "(or --transport openssh)",
+                hint=USE_OPENSSH,
             )
+        # The config asks for Kerberos and the server offers it: if nothing else works, that is why.
+        wants_kerberos = s.gssapi_authentication and any(m.startswith("gssapi") for m in allowed)
         problems: list[str] = []
         try:
             if "publickey" in allowed:
@@ -138,9 +144,18 @@ class Authenticator:
             raise
         except ConnectionFailed as exc:
             # The prompter's own error (no terminal) says it best, with what else failed.
+            if wants_kerberos:
+                raise ConnectionFailed(
+                    f"{where}: {NO_GSSAPI}; {'; '.join([*problems, exc.message])}", hint=USE_OPENSSH
+                ) from None
             raise ConnectionFailed(f"{where}: {'; '.join([*problems, exc.message])}", hint=exc.hint) from None
         except (paramiko.SSHException, EOFError, OSError) as exc:
             raise ConnectionFailed(f"{where}: the connection closed during login ({reason(exc)})") from None
+        if wants_kerberos:
+            raise ConnectionFailed(
+                f"{where}: {NO_GSSAPI}; {'; '.join(problems) or 'nothing else was accepted'}",
+                hint=USE_OPENSSH,
+            )
         raise ConnectionFailed(
             f"{where}: {'; '.join(problems) or 'the server refused every method we tried'}",
             hint=f"is your public key in ~/.ssh/authorized_keys on the cluster? "

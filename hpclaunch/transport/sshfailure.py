@@ -29,9 +29,13 @@ def login_failure(
     config_name: str,
     keys: tuple[str, ...] = (),
     jump: str | None = None,
+    *,
+    gssapi: bool = False,
+    ticket: bool | None = None,
 ) -> ConnectionFailed:
     """The error for a login that failed with ``stderr`` (``target``: ``user@host:port`` for messages;
-    ``keys``: the identity files configured, named when the server refused them)."""
+    ``keys``: the identity files ssh could offer, named when the server refused them; ``gssapi``: the
+    host's settings say GSSAPIAuthentication yes; ``ticket``: what ``klist -s`` said, None = unknown)."""
     text = stderr.replace("\r", "")
     lines = _lines(stderr)
     last = lines[-1] if lines else "ssh exited with 255 and said nothing"
@@ -73,18 +77,63 @@ def login_failure(
     methods = _METHODS.search(text)
     if methods:
         offered = [m.strip() for m in methods.group(1).split(",") if m.strip()]
-        if offered and all(m.startswith("gssapi") for m in offered):
-            return ConnectionFailed(
-                f"cannot log in to {target}: it accepts only Kerberos (GSSAPI) and no ticket was accepted",
-                hint="run `kinit` to get a Kerberos ticket (see `klist`), then try again",
-            )
+        kerberos = _kerberos_failure(offered, target, alias, config_name, keys, gssapi, ticket)
+        if kerberos is not None:
+            return kerberos
         if "publickey" in offered and keys:
             refused = f"the server refused every key offered ({', '.join(keys)})"
         else:
             refused = f"the server refused every method ssh tried ({', '.join(offered) or 'none'})"
+        hint = "is your key in ~/.ssh/authorized_keys there, or loaded in ssh-agent? "
+        if gssapi and ticket is False and any(m.startswith("gssapi") for m in offered):
+            # Keys and Kerberos both failed: the missing ticket may be the whole story.
+            refused += "; and there is no Kerberos ticket (`klist` shows none)"
+            hint = "if this host uses Kerberos, run `kinit` first; otherwise: " + hint
         return ConnectionFailed(
-            f"cannot log in to {target}: {refused}",
-            hint="is your key in ~/.ssh/authorized_keys there, or loaded in ssh-agent? "
-            f"`ssh -v {alias}` shows what was tried",
+            f"cannot log in to {target}: {refused}", hint=hint + f"`ssh -v {alias}` shows what was tried"
         )
     return ConnectionFailed(f"cannot connect to {target}: {last}")
+
+
+def _kerberos_failure(
+    offered: list[str],
+    target: str,
+    alias: str,
+    config_name: str,
+    keys: tuple[str, ...],
+    gssapi: bool,
+    ticket: bool | None,
+) -> ConnectionFailed | None:
+    """The error when Kerberos is what failed: the server wants GSSAPI and there is no key to blame.
+
+    Debian's /etc/ssh/ssh_config turns GSSAPIAuthentication on for every host, so the setting alone
+    proves nothing: the server must offer ``gssapi-with-mic`` too, and no key of ours may be in play."""
+    server_gssapi = any(m.startswith("gssapi") for m in offered)
+    only_gssapi = bool(offered) and all(m.startswith("gssapi") for m in offered)
+    if not server_gssapi or (keys and not only_gssapi):
+        return None
+    if not gssapi:
+        if not only_gssapi:
+            return None
+        return ConnectionFailed(
+            f"cannot log in to {target}: it accepts only Kerberos (GSSAPI), which the ssh config does not "
+            f"turn on for {alias}",
+            hint=f"add `GSSAPIAuthentication yes` to Host {alias} in {config_name}, and run `kinit`",
+        )
+    if ticket is False:
+        return ConnectionFailed(
+            f"cannot log in to {target}: no Kerberos ticket (`klist` shows none)",
+            hint="run `kinit` to get one, then try again",
+        )
+    if ticket is True:
+        return ConnectionFailed(
+            f"cannot log in to {target}: the server did not accept your Kerberos ticket",
+            hint="is it for the right realm and not expired (see `klist`)? `kinit` gets a new one; "
+            f"`ssh -v {alias}` shows why",
+        )
+    return ConnectionFailed(
+        f"cannot log in to {target}: it accepts only Kerberos (GSSAPI) and no ticket was accepted"
+        if only_gssapi
+        else f"cannot log in to {target}: no Kerberos ticket was accepted, and there is no key to offer",
+        hint="run `kinit` to get a Kerberos ticket (see `klist`), then try again",
+    )

@@ -120,13 +120,20 @@ def run_hpclaunch(env: dict[str, str], *args: str, timeout: float = 120) -> subp
     return subprocess.run(hpclaunch_argv(*args), env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def profile_env(dev: DevCluster, tmp_path: Path, *, extra: str = "") -> dict[str, str]:
+def profile_env(
+    dev: DevCluster,
+    tmp_path: Path,
+    *,
+    extra: str = "",
+    host: str | None = None,
+    ssh_config: Path | None = None,
+) -> dict[str, str]:
     """The CLI's environment for a profile `p` on the dev cluster (over SSH) with ``extra`` TOML lines,
-    and this test's own local state."""
+    and this test's own local state; ``host``/``ssh_config``: another of the dev cluster's sshds."""
     path = tmp_path / "config.toml"
     path.write_text(
-        f'default = "p"\n[clusters.p]\nhost = "{dev.ssh_alias}"\nssh_config = "{dev.ssh_config}"\n'
-        f'partition = "{dev.partition}"\n{extra}'
+        f'default = "p"\n[clusters.p]\nhost = "{host or dev.ssh_alias}"\n'
+        f'ssh_config = "{ssh_config or dev.ssh_config}"\npartition = "{dev.partition}"\n{extra}'
     )
     path.chmod(0o600)
     return {
