@@ -196,14 +196,18 @@ class HeldTransport(Transport):
         with self._lock, self._start_lock():
             found = self.info()
             if found is None or not found.get("connected") or (failed and found.get("pid") == bad):
-                self._replace()
+                self._replace(answering=found is not None)
             else:
                 self._pid = int(found["pid"])
                 self._seen = True
 
-    def _replace(self) -> None:
+    def _replace(self, *, answering: bool) -> None:
         """End what is on the socket (stale, wedged, another version, lost) and start a new holder."""
-        self._end_quietly()
+        if answering:
+            self._end_quietly()
+        else:  # dead or wedged: asking it to exit would only wait for nothing
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.socket_path)
         lost = self._seen
         self._start()
         self._seen = True
