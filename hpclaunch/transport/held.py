@@ -165,6 +165,9 @@ class HeldTransport(Transport):
         found = self.info()
         return int(found["pid"]) if found and isinstance(found.get("pid"), int) else None
 
+    #: Same meaning as the OpenSSH transport's: the process that holds the connection (and the forwards).
+    master_pid = holder_pid
+
     @property
     def is_connected(self) -> bool:
         return self.info() is not None

@@ -152,10 +152,10 @@ def held(config: Path, runtime: str, asked: Asked, idle: int = 60) -> HeldTransp
     )
 
 
-def test_many_processes_one_login_one_prompt(mfa: tuple[MfaServer, Path], runtime: str) -> None:  # noqa: F811
+def test_ten_processes_one_login_one_prompt(mfa: tuple[MfaServer, Path], runtime: str) -> None:  # noqa: F811
     server, config = mfa
     asked = Asked()
-    for _ in range(5):  # five "CLI commands", each its own transport
+    for _ in range(10):  # ten "CLI commands", each its own transport
         with held(config, runtime, asked) as ssh:
             assert ssh.run(["squeue", "--me"]).stdout == "ran squeue --me\n"
     assert asked.rounds == [[("Code: ", False)]]
