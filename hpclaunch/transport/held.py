@@ -27,6 +27,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import secrets
 import socket
 import subprocess
 import sys
@@ -128,6 +129,8 @@ class HeldTransport(Transport):
         self._pid: int | None = None  # the holder this process talks to, once it answered
         self._lock = threading.RLock()
         self._direct: SSHTransport | None = None
+        # Who we are to the holder: the commands of one process share one login environment.
+        self._session = secrets.token_hex(8)
         #: How many times a lost holder was replaced by this process.
         self.reconnects = 0
         self._seen = False
@@ -315,6 +318,7 @@ class HeldTransport(Transport):
     ) -> tuple[Message, bytes | None]:
         """One request and its reply; a holder found gone or lost is replaced and asked again."""
         op = message["op"]
+        message = {**message, "session": self._session}
         for attempt in (0, 1):
             self._ensure(failed=attempt > 0)
             sock = self._dial()
@@ -343,6 +347,8 @@ class HeldTransport(Transport):
                 if attempt == 0:
                     continue  # the request never reached the server
                 raise ConnectionFailed(f"the connection to {self.description} was lost")
+            for text in reply.pop("warnings", None) or ():
+                warnings.warn(str(text), HpclaunchWarning, stacklevel=3)
             if "error" in reply:
                 raise holdwire.error_from_wire(reply["error"])
             return reply, out

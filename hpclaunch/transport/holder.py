@@ -17,6 +17,7 @@ disconnect``), on SIGTERM, and when its socket path no longer leads to it (a rep
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -34,6 +35,7 @@ from hpclaunch.errors import ConnectionFailed, HpclaunchError, TransportError
 from hpclaunch.transport import holdwire
 from hpclaunch.transport.base import Forward
 from hpclaunch.transport.holdwire import Closed, Message, WireError
+from hpclaunch.transport.loginenv import LoginEnv
 from hpclaunch.transport.ssh import SSHTransport
 
 log = logging.getLogger(__name__)
@@ -42,6 +44,22 @@ log = logging.getLogger(__name__)
 TICK = 0.5
 #: How often a forward's counters are sent to the client that holds it, when they changed.
 FORWARD_STATUS_EVERY = 0.2
+#: Client processes whose login environment is kept (each CLI command is one).
+MAX_SESSIONS = 64
+# Warnings raised while a request is served go back with its reply (to the user's terminal).
+_THREAD_WARNINGS = threading.local()
+
+
+def _show_warning(
+    message: Any, category: Any, filename: str, lineno: int, file: Any = None, line: Any = None
+) -> None:
+    sink = getattr(_THREAD_WARNINGS, "sink", None)
+    if sink is not None:
+        sink.append(str(message))
+    else:
+        log.warning("%s", message)
+
+
 NO_PROMPTS = (
     "the connection was lost and logging in again needs an answer (a code or password), which a "
     "background holder cannot ask for"
@@ -61,6 +79,8 @@ class Holder:
         self._last = time.monotonic()
         self._state = threading.Lock()
         self.stop = threading.Event()
+        # One login environment per client process (its "session"), the most recent few kept.
+        self._envs: collections.OrderedDict[str, LoginEnv] = collections.OrderedDict()
 
     # -- the socket ---------------------------------------------------------------------------------
 
@@ -176,15 +196,31 @@ class Holder:
         if op == "forward":
             self._forward(conn, message)
             return False
+        caught = _THREAD_WARNINGS.sink = []
         try:
-            reply, out = self._do(str(op), message, blob)
+            with self.transport.using_login_env(self._env_of(message.get("session"))):
+                reply, out = self._do(str(op), message, blob)
         except Exception as exc:  # every failure goes back as data, the holder lives on
             if not isinstance(exc, HpclaunchError):
                 log.error("request %s failed:\n%s", op, traceback.format_exc())
-            holdwire.send(conn, {"error": holdwire.error_to_wire(exc)})
+            holdwire.send(conn, {"error": holdwire.error_to_wire(exc), "warnings": caught})
             return True
-        holdwire.send(conn, reply, out)
+        finally:
+            _THREAD_WARNINGS.sink = None
+        holdwire.send(conn, {**reply, "warnings": caught}, out)
         return True
+
+    def _env_of(self, session: object) -> LoginEnv:
+        key = str(session)
+        with self._state:
+            env = self._envs.get(key)
+            if env is None:
+                base = self.transport.login_env
+                env = self._envs[key] = LoginEnv(base.where, enabled=base.enabled, timeout=base.timeout)
+                while len(self._envs) > MAX_SESSIONS:
+                    self._envs.popitem(last=False)
+            self._envs.move_to_end(key)
+            return env
 
     def info(self) -> Message:
         return {
@@ -351,6 +387,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if holder is None:
         return 1
     signal.signal(signal.SIGTERM, lambda *_: holder.stop.set())
+    warnings.simplefilter("always")
+    warnings.showwarning = _show_warning
     log.info("holding %s on %s (idle %g s)", holder.transport.description, holder.path, holder.idle)
     holder.serve()
     return 0

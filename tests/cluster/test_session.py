@@ -47,6 +47,7 @@ def session_env(
     runtime = tempfile.mkdtemp(prefix="hcl-s-", dir="/tmp")
     env = profile_env(dev_cluster, tmp_path, extra=f'transport = "{request.param}"\n')
     env["HPCLAUNCH_TEST_KIND"] = request.param
+    env.pop("HPCLAUNCH_TRANSPORT", None)  # the test's transport, whatever the suite runs with
     env["HPCLAUNCH_RUNTIME_DIR"] = runtime
     try:
         yield env
