@@ -53,7 +53,9 @@ def connect(
     accept-new`` in the ssh config) records the key of a host seen for the first time; a changed key
     is always refused. ``prompter`` answers keyboard-interactive prompts (default: the terminal; the
     OpenSSH transport lets ``ssh`` ask). ``transport``: ``auto``, ``openssh`` or ``paramiko``;
-    ``session_idle``: seconds the OpenSSH master stays up, idle, for the next process (0: off).
+    ``session_idle``: seconds the kept connection stays up, idle, for the next process (0: off): the
+    OpenSSH master, or with paramiko a connection holder (:mod:`.held`; where unix sockets with peer
+    credentials are missing, e.g. Windows, paramiko logs in once per process instead).
     ``login_shell`` runs SSH commands in the environment of the user's login shell on the host (captured
     once per connection); locally the process environment is already the login one and is used as is.
     """
@@ -63,37 +65,29 @@ def connect(
         return LocalTransport()
     from hpclaunch.transport.choice import OPENSSH, choose
 
+    # What every SSH transport takes; each adds its own way of keeping the login.
+    common = {
+        "user": user,
+        "port": port,
+        "identity_file": identity_file,
+        "ssh_config_path": ssh_config_path,
+        "accept_new_host_key": accept_new_host_key,
+        "known_hosts_file": known_hosts_file,
+        "connect_timeout": connect_timeout,
+        "keepalive": keepalive,
+        "login_shell": login_shell,
+    }
     if choose(transport).name == OPENSSH:
         from hpclaunch.transport.openssh import OpenSSHTransport
 
-        return OpenSSHTransport(
-            host,
-            user=user,
-            port=port,
-            identity_file=identity_file,
-            ssh_config_path=ssh_config_path,
-            accept_new_host_key=accept_new_host_key,
-            known_hosts_file=known_hosts_file,
-            connect_timeout=connect_timeout,
-            keepalive=keepalive,
-            persist=session_idle,
-            login_shell=login_shell,
-        )
+        return OpenSSHTransport(host, persist=session_idle, **common)  # type: ignore[arg-type]
+    from hpclaunch.transport import held
+
+    if session_idle > 0 and held.supported():
+        return held.HeldTransport(host, prompter=prompter, idle=session_idle, **common)  # type: ignore[arg-type]
     from hpclaunch.transport.ssh import SSHTransport
 
-    return SSHTransport(
-        host,
-        user=user,
-        port=port,
-        identity_file=identity_file,
-        ssh_config_path=ssh_config_path,
-        accept_new_host_key=accept_new_host_key,
-        known_hosts_file=known_hosts_file,
-        connect_timeout=connect_timeout,
-        keepalive=keepalive,
-        prompter=prompter,
-        login_shell=login_shell,
-    )
+    return SSHTransport(host, prompter=prompter, **common)  # type: ignore[arg-type]
 
 
 def __getattr__(name: str) -> object:

@@ -96,6 +96,9 @@ class SSHTransport(Transport):
             self.settings = replace(self.settings, proxy_jump=(proxy_jump,), proxy_command=None)
         #: The login shell's environment, captured once per connection; commands run in it.
         self.login_env = LoginEnv(self.description, enabled=login_shell)
+        # A connection holder serves many CLI processes: each gets a login environment of its own
+        # (captured on its first command, like the OpenSSH transport's), set per request thread.
+        self._thread_env = threading.local()
         #: Logs in on each hop (keys, agent, keyboard-interactive through ``prompter``).
         self.auth = Authenticator(prompter, allow_agent=allow_agent, config_name=self._config_name)
         self._dialer = Dialer(
@@ -114,6 +117,19 @@ class SSHTransport(Transport):
         self.reconnects = 0
         # A connection was lost and not yet replaced (a login may fail a few times in between).
         self._lost = False
+
+    def _login_env(self) -> LoginEnv:
+        env: LoginEnv | None = getattr(self._thread_env, "env", None)
+        return env if env is not None else self.login_env
+
+    @contextlib.contextmanager
+    def using_login_env(self, env: LoginEnv) -> Iterator[None]:
+        """Commands run by this thread use ``env`` (one client of a connection holder)."""
+        self._thread_env.env = env
+        try:
+            yield
+        finally:
+            self._thread_env.env = None
 
     def _count_handshake(self) -> None:
         with self._count_lock:
@@ -221,7 +237,7 @@ class SSHTransport(Transport):
         try:
             # The one place argv becomes a string (the remote shell splits it back into these words),
             # in the login environment: the first command on a connection runs the login shell once.
-            command = self.login_env.command(conn, args, env, self._run_raw)
+            command = self._login_env().command(conn, args, env, self._run_raw)
             # The login shell has its own bound; the command gets its whole timeout.
             deadline = None if timeout is None else time.monotonic() + timeout
             return self._exec(conn, chan, args, command, as_bytes(stdin), deadline, timeout, check)
@@ -296,7 +312,7 @@ class SSHTransport(Transport):
         if check and not result.ok:
             hint = None
             if code == 127:
-                shells = "login shells" if self.login_env.enabled else "non-interactive logins"
+                shells = "login shells" if self._login_env().enabled else "non-interactive logins"
                 hint = f"is `{args[0]}` installed on {self.description} and on PATH for {shells}?"
             raise CommandError(args, code, result.stdout, result.stderr, hint=hint)
         return result
@@ -316,7 +332,7 @@ class SSHTransport(Transport):
                     columns, rows = attach.terminal_size(stdin)
                     chan.get_pty(term=os.environ.get("TERM", "xterm"), width=columns, height=rows)
                 # In the login environment too: srun is often on PATH only through /etc/profile.d.
-                chan.exec_command(self.login_env.command(conn, args, None, self._run_raw))
+                chan.exec_command(self._login_env().command(conn, args, None, self._run_raw))
             except (paramiko.SSHException, EOFError, OSError) as exc:
                 raise TransportError(
                     f"cannot start `{short_command(args)}` on {self.description}: {reason(exc)}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -154,10 +155,20 @@ PARAMIKO_ONLY = ("openssh_config", "prompter", "allow_agent")
 
 
 def end_masters(directory: str) -> None:
-    """Stop every ControlMaster whose socket is in ``directory`` (what a test left running)."""
+    """Stop every ControlMaster and connection holder whose socket is in ``directory`` (what a test
+    left running)."""
+    from hpclaunch.transport import holdwire
+
     for name in os.listdir(directory):
         path = os.path.join(directory, name)
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
+        if name.startswith("holder-") and stat.S_ISSOCK(os.lstat(path).st_mode):
+            with contextlib.suppress(OSError, holdwire.WireError):
+                with socket.socket(socket.AF_UNIX) as sock:
+                    sock.settimeout(5)
+                    sock.connect(path)
+                    holdwire.send(sock, {"op": "exit"})
+                    holdwire.recv(sock)
+        elif stat.S_ISSOCK(os.lstat(path).st_mode):
             subprocess.run(
                 ["ssh", "-o", f"ControlPath={path}", "-O", "exit", "hpclaunch-test"],
                 capture_output=True,
