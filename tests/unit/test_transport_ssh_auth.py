@@ -179,3 +179,36 @@ def test_no_terminal_is_a_clear_error(mfa: tuple[MfaServer, Path], monkeypatch: 
     line = info.value.one_line()
     assert "keyboard-interactive" in line and "no terminal" in line
     assert "\n" not in line
+
+
+@pytest.mark.skipif(shutil.which("ssh") is None, reason="needs OpenSSH's ssh")
+def test_openssh_ten_processes_one_login_one_prompt(
+    mfa: tuple[MfaServer, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """OpenSSH's own client asks for the code (here through SSH_ASKPASS, as it would on the terminal)
+    once; ten transports, as ten CLI processes make them, then share the master's one login."""
+    import tempfile
+
+    from hpclaunch.transport.openssh import OpenSSHTransport
+
+    server, config = mfa
+    asked = tmp_path / "asked"
+    askpass = tmp_path / "askpass"
+    askpass.write_text(f'#!/bin/sh\nprintf "%s\\n" "$1" >> {asked}\necho {CODE}\n')
+    askpass.chmod(0o755)
+    monkeypatch.setenv("SSH_ASKPASS", str(askpass))
+    monkeypatch.setenv("SSH_ASKPASS_REQUIRE", "force")
+    control = tempfile.mkdtemp(prefix="hcl-m-", dir="/tmp")  # unix socket paths are short
+    first = OpenSSHTransport("mfa", ssh_config_path=str(config), control_dir=control, login_shell=False)
+    try:
+        for _ in range(10):
+            transport = OpenSSHTransport(
+                "mfa", ssh_config_path=str(config), control_dir=control, login_shell=False
+            )
+            assert transport.run(["hostname"]).stdout.startswith("ran ")
+            transport.close()
+        assert server.logins == 1
+        assert asked.read_text().splitlines() == ["(alice@127.0.0.1) Code: "]  # asked once
+    finally:
+        first.end_master()
+        shutil.rmtree(control, ignore_errors=True)
