@@ -341,7 +341,7 @@ def main() -> int:
                 run(f"lenet5_{mode}_b{bs}", "mnist_lenet5.py", ["--data-dir", str(mnist), *flags, *epochs,
                     "--batch-size", str(bs)], need)  # fmt: skip
         # Accuracy on real scans (LeNet-5's default schedule; tiny: 2 epochs, just that it runs).
-        digits = ["--dataset", "digits", "--epochs", "2" if tiny else "20", "--gamma", "0.85"]
+        digits = ["--dataset", "digits", *(["--epochs", "2"] if tiny else [])]  # else the digits defaults
         run("digits_lenet5", "mnist_lenet5.py", [*digits, "--batch-size", "128" if tiny else "1024"], 20)
         cifar_extra = ["--blocks", "1"] if tiny else []
         for bs in [64] if tiny else [256, 1024]:

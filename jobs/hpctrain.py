@@ -166,8 +166,18 @@ def scaled_lr(lr: float, global_batch: int, ref_batch: int, rule: str) -> float:
     return lr
 
 
+def _base_defaults(task: Task) -> dict[str, Any]:
+    return {"epochs": 10, "batch_size": 128, "test_batch_size": 1000, "lr": 1e-3, **task.defaults}
+
+
+def _per_dataset(task: Task, dest: str) -> str:
+    """``; digits: 20`` for help texts: the datasets that take another default for ``dest``."""
+    found = [f"{name}: {values[dest]:g}" for name, values in task.dataset_defaults.items() if dest in values]
+    return "; " + "; ".join(found) if found else ""
+
+
 def make_parser(task: Task, description: str) -> argparse.ArgumentParser:
-    d = {"epochs": 10, "batch_size": 128, "test_batch_size": 1000, "lr": 1e-3, **task.defaults}
+    d = _base_defaults(task)
     gpu_batch = d.get("gpu_batch_size", d["batch_size"])
     rule = d.get("lr_scaling", "none")
     p = argparse.ArgumentParser(
@@ -195,16 +205,11 @@ def make_parser(task: Task, description: str) -> argparse.ArgumentParser:
         default=Path(os.environ.get("HPCLAUNCH_RUN_DIR", ".")),
         help=f"where {CHECKPOINT}, {METRICS}, {PLOT} and {FINAL_MODEL} go (env HPCLAUNCH_RUN_DIR)",
     )
-    per_dataset = "; ".join(
-        f"{name}: {values['epochs']}" for name, values in task.dataset_defaults.items() if "epochs" in values
-    )
     p.add_argument(
         "--epochs",
         type=int,
         default=None,
-        help=f"number of epochs to train (default: {d['epochs']}"
-        + (f"; {per_dataset}" if per_dataset else "")
-        + ")%(default).0s",
+        help=f"number of epochs to train (default: {d['epochs']}{_per_dataset(task, 'epochs')})%(default).0s",
     )
     p.add_argument(
         "--batch-size",
@@ -217,9 +222,10 @@ def make_parser(task: Task, description: str) -> argparse.ArgumentParser:
     p.add_argument(
         "--lr",
         type=float,
-        default=d["lr"],
+        default=None,
         help=f"learning rate (at epoch 1) for a global batch of {d['batch_size']}; scaled to batch x "
-        f"processes ({rule} rule) unless --no-scale-lr",
+        f"processes ({rule} rule) unless --no-scale-lr (default: {d['lr']:g}{_per_dataset(task, 'lr')})"
+        "%(default).0s",
     )
     p.add_argument(
         "--scale-lr",
@@ -316,10 +322,9 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 def apply_dataset_defaults(task: Task, args: argparse.Namespace) -> None:
     """Options left at None on the command line: the dataset's own value, else the task's."""
-    values: dict[str, Any] = {"epochs": task.defaults.get("epochs", 10)}
-    values.update(
-        {k: task.defaults[k] for ds in task.dataset_defaults.values() for k in ds if k in task.defaults}
-    )
+    base = _base_defaults(task)
+    values: dict[str, Any] = {"epochs": base["epochs"], "lr": base["lr"]}
+    values.update({k: base[k] for ds in task.dataset_defaults.values() for k in ds if k in base})
     values.update(task.dataset_defaults.get(args.dataset, {}))
     for dest, value in values.items():
         if getattr(args, dest, None) is None:

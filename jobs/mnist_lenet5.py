@@ -95,9 +95,9 @@ TASK = hpctrain.Task(
         "gamma": 0.7,
     },
     extra_datasets={"digits": hpctrain.load_digits},
-    # 1,437 images are 11 steps an epoch at batch 128: they need more epochs and a slower decay to
-    # reach 95 % (10 epochs at 0.7 stop at about 94 %).
-    dataset_defaults={"digits": {"epochs": 20, "gamma": 0.85}},
+    # 1,437 images are 11 steps an epoch at batch 128: they need more epochs, larger steps and a slower
+    # decay (10 epochs at 2e-3 and 0.7 stop at about 94 %; these reach 97.5-98.9 % over seeds 0-3).
+    dataset_defaults={"digits": {"epochs": 20, "lr": 4e-3, "gamma": 0.9}},
 )
 
 
@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--gamma",
         type=float,
         default=None,
-        help="learning-rate decay per epoch (Adam) (default: 0.7; digits: 0.85)%(default).0s",
+        help="learning-rate decay per epoch (Adam) (default: 0.7; digits: 0.9)%(default).0s",
     )
     return hpctrain.main(TASK, parser, argv)
 

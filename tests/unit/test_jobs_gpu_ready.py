@@ -340,19 +340,24 @@ def test_gpu_check_tiny_runs_on_the_cpu(tmp_path: Path) -> None:
 
 
 def test_digits_takes_its_own_defaults_unless_given() -> None:
-    """1,437 real digits need 20 epochs at gamma 0.85 for 95 %; MNIST keeps 10 at 0.7; a flag wins."""
+    """1,437 real digits need 20 epochs at 4e-3 and gamma 0.9 for 95 %+; MNIST keeps 10 at 2e-3 and 0.7;
+    a flag wins."""
     parser = hpctrain.make_parser(mnist_lenet5.TASK, "test")
     parser.add_argument("--gamma", type=float, default=None)
 
-    def resolved(*argv: str) -> tuple[int, float]:
+    def resolved(*argv: str) -> tuple[int, float, float]:
         args = parser.parse_args(list(argv))
         hpctrain.apply_dataset_defaults(mnist_lenet5.TASK, args)
-        return args.epochs, args.gamma
+        return args.epochs, args.lr, args.gamma
 
-    assert resolved("--dataset", "digits") == (20, 0.85)
-    assert resolved() == (10, 0.7)
-    assert resolved("--dataset", "synthetic") == (10, 0.7)
-    assert resolved("--dataset", "digits", "--epochs", "3", "--gamma", "0.5") == (3, 0.5)
+    assert resolved("--dataset", "digits") == (20, 4e-3, 0.9)
+    assert resolved() == (10, 2e-3, 0.7)
+    assert resolved("--dataset", "synthetic") == (10, 2e-3, 0.7)
+    assert resolved("--dataset", "digits", "--epochs", "3", "--lr", "1e-3", "--gamma", "0.5") == (
+        3,
+        1e-3,
+        0.5,
+    )
 
 
 def test_train_throughput_prints_the_ratio_and_both_accuracies_on_real_digits() -> None:
