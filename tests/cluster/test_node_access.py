@@ -274,7 +274,7 @@ def test_code_prints_the_command_and_cleans_up_on_a_signal(
         proc.kill()
         proc.wait()
     assert f"hpclaunch-{job_id}" not in generated_config(env).read_text()
-    assert cluster.job(job_id).info().is_terminal
+    assert cluster.job(job_id).wait(timeout=60).is_terminal  # cancelled: past COMPLETING within seconds
 
 
 def start_code(env: dict[str, str], *args: str) -> tuple[subprocess.Popen[str], str]:
