@@ -213,7 +213,7 @@ def main() -> None:
     if args.epochs is None:
         args.epochs = 3 if args.quick else job_defaults["epochs"]
     lr, gamma, bs = job_defaults["lr"], job_defaults["gamma"], job_defaults["batch_size"]
-    same = ["--device", "cpu", "--gamma", str(gamma)]
+    same = ["--device", "cpu", "--lr", str(lr), "--gamma", str(gamma)]
     runs: dict[str, Callable[[Path, Path], dict[str, float]]] = {
         f"bundled (batch {bs})": lambda data, tmp: bundled(data, tmp / "run", args.epochs, same),
     }
