@@ -225,6 +225,26 @@ def module_env(dev_config: Path, tmp_path_factory: pytest.TempPathFactory) -> di
     }
 
 
+def _node_ready(node: str, timeout: float = 60) -> None:
+    """Wait until Slurm can schedule on ``node`` (resumed first if an earlier test left it down)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = subprocess.run(
+            ["sinfo", "--noheader", "--nodes", node, "--format=%T"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.strip()
+        if state and not any(bad in state for bad in ("down", "drain", "fail", "not_responding", "*")):
+            return
+        assert time.monotonic() < deadline, f"{node} is {state!r}, not schedulable, after {timeout:.0f} s"
+        if "down" in state or "drain" in state:
+            subprocess.run(
+                ["scontrol", "update", f"nodename={node}", "state=resume"], check=False, timeout=30
+            )
+        time.sleep(1)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def timeout_run(request: pytest.FixtureRequest) -> Iterator[Cli | None]:
     """A one-minute job that outlives its limit, started when the module starts so that Slurm's slow
@@ -237,6 +257,7 @@ def timeout_run(request: pytest.FixtureRequest) -> Iterator[Cli | None]:
         yield None
         return
     env = request.getfixturevalue("module_env")
+    _node_ready("node1")  # a node still down from an earlier module would make the job unstartable
     cli = Cli(
         env,
         "submit",
