@@ -15,6 +15,13 @@ Commands go only through the master: they carry ``ProxyCommand=false``, so when 
 command fails at once instead of logging in on its own; the transport then starts a new master and runs
 the command again (it never reached the server). A master that dies while a command runs is reported,
 not retried: the command may have run.
+
+Longer than most modules on purpose: the master's life (start under a cross-process lock, detect a
+stale socket, replace it) and every role's use of it (commands with their remote pid for timeouts,
+files streamed through ``cat``, forwards re-added by a watcher when the master is replaced) depend on
+the same control socket and its identity; login messages (:mod:`.sshfailure`), host settings
+(:mod:`.hostsettings`), key checks (:mod:`.keyfile`) and the login environment (:mod:`.loginenv`)
+already live apart.
 """
 
 from __future__ import annotations

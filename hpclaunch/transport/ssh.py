@@ -7,6 +7,10 @@ open connection costs 2.7 ms instead of 44 ms (Nagle + delayed ACK, measured on 
 
 Where to connect and as whom comes from :mod:`~hpclaunch.transport.hostsettings` (one record per hop);
 logging in from :mod:`~hpclaunch.transport.sshauth`; host keys from :mod:`~hpclaunch.transport.hostkeys`.
+
+Longer than most modules on purpose: what is left is one connection's life (open, keepalive, lose,
+reconnect under one lock) and the three roles that share it (commands, SFTP, forwards); each role is
+a few methods that read and re-open the same connection state, so apart they would share private state.
 """
 
 from __future__ import annotations
