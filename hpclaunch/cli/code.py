@@ -8,7 +8,7 @@ import click
 
 from ..console import StatusLine, say
 from .context import AppContext
-from .options import given, job_options, preflight_option, use_preflight
+from .options import given, idle_timeout_option, job_options, preflight_option, use_preflight
 from .ssh_config import ACCESS_OPTION, YES_OPTION, ensure_include
 
 
@@ -27,14 +27,7 @@ Examples:
 @click.option(
     "--open/--no-browser", "open_code", default=False, help="Run `code --remote ...` (VS Code on PATH)."
 )
-@click.option(
-    "--idle-timeout",
-    type=click.IntRange(0),
-    default=0,
-    envvar="HPCLAUNCH_IDLE_TIMEOUT",
-    show_envvar=True,
-    help="End the job after this many seconds with no session on the node (node_access = step); 0 = never.",
-)
+@idle_timeout_option("End the job after this many seconds with no session on the node (node_access = step)")
 @click.option(
     "--keep", is_flag=True, help="On Ctrl-C leave the job and its Host entry (for `hpclaunch stop`)."
 )

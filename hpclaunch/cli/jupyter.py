@@ -10,7 +10,7 @@ import click
 
 from ..console import StatusLine, say
 from .context import AppContext
-from .options import given, job_options, preflight_option, use_preflight
+from .options import given, idle_timeout_option, job_options, preflight_option, use_preflight
 
 if TYPE_CHECKING:
     from ..jupyter.session import Session
@@ -71,14 +71,7 @@ Examples:
 )
 @job_options()
 @_session_options
-@click.option(
-    "--idle-timeout",
-    type=click.IntRange(0),
-    default=0,
-    envvar="HPCLAUNCH_IDLE_TIMEOUT",
-    show_envvar=True,
-    help="Shut the server down (freeing the allocation) after this many idle seconds; 0 = never.",
-)
+@idle_timeout_option("Shut the server down (freeing the allocation) after this many idle seconds")
 @click.option(
     "--queue-timeout",
     type=click.FloatRange(min=1),

@@ -66,6 +66,19 @@ def parse_sets(pairs: Iterable[str]) -> dict[str, str]:
     return out
 
 
+def idle_timeout_option(what: str) -> Callable[[F], F]:
+    """``--idle-timeout SECONDS`` (0 = never), one environment variable for every command that has it;
+    ``what`` says what idle means there."""
+    return click.option(
+        "--idle-timeout",
+        type=click.IntRange(0),
+        default=0,
+        envvar="HPCLAUNCH_IDLE_TIMEOUT",
+        show_envvar=True,
+        help=f"{what}; 0 = never.",
+    )
+
+
 def preflight_option(func: F) -> F:
     return click.option(
         "--preflight/--no-preflight",

@@ -24,7 +24,6 @@ The holder needs unix sockets and a way to learn a peer's uid (Linux, macOS, the
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import os
 import secrets
@@ -118,13 +117,7 @@ class HeldTransport(Transport):
         self.idle = max(1, int(idle))
         self._prompter = prompter
         # One holder per distinct way of connecting (a different key or config is a different login).
-        key = hashlib.sha256(repr(sorted(self.options.items())).encode()).hexdigest()[:20]
-        self.socket_path = os.path.join(runtime_dir or runtime.directory(), f"holder-{key}")
-        if len(self.socket_path) > runtime.MAX_SOCKET_PATH:
-            raise TransportError(
-                f"the holder socket path {self.socket_path} is too long for a unix socket",
-                hint=f"set {runtime.ENV} to a shorter directory",
-            )
+        self.socket_path = runtime.socket_path("holder", repr(sorted(self.options.items())), runtime_dir)
         self.log_path = self.socket_path + ".log"
         self._pid: int | None = None  # the holder this process talks to, once it answered
         self._lock = threading.RLock()

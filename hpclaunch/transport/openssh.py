@@ -29,7 +29,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
-import hashlib
 import logging
 import os
 import re
@@ -150,13 +149,7 @@ class OpenSSHTransport(Transport):
                 proxy_jump,
             )
         )
-        key = hashlib.sha256(identity.encode()).hexdigest()[:20]
-        self.control_path = os.path.join(control_dir or runtime.directory(), f"ssh-{key}")
-        if len(self.control_path) > runtime.MAX_SOCKET_PATH:
-            raise TransportError(
-                f"the control socket path {self.control_path} is too long for a unix socket",
-                hint=f"set {runtime.ENV} to a shorter directory",
-            )
+        self.control_path = runtime.socket_path("ssh", identity, control_dir)
         opts: list[str] = []
         if ssh_config_path:
             opts += ["-F", os.path.expanduser(ssh_config_path)]

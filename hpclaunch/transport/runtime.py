@@ -8,6 +8,7 @@ Unix socket paths are limited to about 104 bytes, hence a short default under /t
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 import tempfile
@@ -55,3 +56,16 @@ def check_private(path: str) -> None:
             f"the runtime directory {path} is open to other users ({stat.filemode(info.st_mode)})",
             hint=f"run: chmod 700 {path}",
         )
+
+
+def socket_path(kind: str, identity: str, in_dir: str | None = None) -> str:
+    """``<runtime dir>/<kind>-<hash of identity>``: one socket per distinct way of connecting (another
+    key or config is another login); a TransportError if it is too long for a unix socket."""
+    key = hashlib.sha256(identity.encode()).hexdigest()[:20]
+    path = os.path.join(in_dir or directory(), f"{kind}-{key}")
+    if len(path) > MAX_SOCKET_PATH:
+        raise TransportError(
+            f"the {kind} socket path {path} is too long for a unix socket",
+            hint=f"set {ENV} to a shorter directory",
+        )
+    return path
