@@ -366,7 +366,7 @@ def test_jobs_that_are_not_running_or_not_yours_are_one_line_each(
     ended.wait(timeout=60)
     # A job of another user (root submits it on this machine).
     theirs = subprocess.run(
-        ["sbatch", "--parsable", "-p", "debug", "--wrap", "sleep 120"],
+        ["sbatch", "--parsable", "-p", "debug", "--output=/dev/null", "--wrap", "sleep 120"],
         capture_output=True,
         text=True,
         check=True,
