@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from .console import redact
 from .errors import HpclaunchError
-from .polling import Backoff, Poller
+from .polling import Backoff, Poller, StartWatch
 from .transport.base import PathNotFound
 
 if TYPE_CHECKING:
@@ -123,6 +123,8 @@ class Job:
 
         Returns early for a job that Slurm will never start as asked: its info is pending, with
         ``cannot_start`` saying what to change, so a script can decide (cancel, resubmit, report).
+        Unavailable nodes count once Slurm has said so for 30 s: a controller that has just restarted
+        says it of every node until they register again.
         """
         infos = self.cluster.scheduler.wait([self.id], timeout=timeout, on_update=on_update)
         self._last = infos[self.id]
@@ -164,8 +166,9 @@ class Job:
         """
         reader = LogReader(self.cluster.transport, self._output, chunk=chunk)
         poller = Poller(Backoff(initial=poll, maximum=max_poll, factor=1.5, jitter=0.0))
+        watch = StartWatch()
         for _ in poller:
-            ended = self.info().settled
+            ended = watch.settled(self.info())
             if reader.path is None:
                 try:
                     reader.path = self.output_path()

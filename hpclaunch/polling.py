@@ -17,6 +17,31 @@ from hpclaunch.states import JobInfo
 #: Called with a job's new info whenever its state, reason or estimated start changes during a wait.
 UpdateCallback = Callable[[JobInfo], None]
 
+#: How long a passing reason (``states.PASSING_REASONS``) must last before a wait calls it final.
+PASSING_REASON_S = 30.0
+
+
+class StartWatch:
+    """One wait's view of when a pending job can never start: at once for a reason that cannot clear,
+    after ``grace`` seconds of the same answer for one that can also pass (nodes that a restarted
+    controller has not heard from yet look exactly like drained ones)."""
+
+    def __init__(self, grace: float = PASSING_REASON_S, clock: Callable[[], float] = time.monotonic) -> None:
+        self.grace, self._clock = grace, clock
+        self._since: dict[str, float] = {}
+
+    def cannot_start(self, info: JobInfo) -> str | None:
+        """What to change, once it is final; None while the job may still start."""
+        advice = info.cannot_start
+        if advice is None or not info.may_pass:
+            self._since.pop(info.job_id, None)
+            return advice
+        first = self._since.setdefault(info.job_id, self._clock())
+        return advice if self._clock() - first >= self.grace else None
+
+    def settled(self, info: JobInfo) -> bool:
+        return info.is_terminal or self.cannot_start(info) is not None
+
 
 @dataclass(frozen=True)
 class Backoff:
@@ -130,9 +155,11 @@ def wait_for(
     """
     ids = list(dict.fromkeys(job_ids))
     last: dict[str, JobInfo] = {}
+    done: set[str] = set()
+    watch = StartWatch(clock=clock)
 
     def waiting() -> list[str]:
-        return [job_id for job_id in ids if job_id not in last or not last[job_id].settled]
+        return [job_id for job_id in ids if job_id not in done]
 
     poller = Poller(
         backoff or PollBudget().backoff(),
@@ -153,6 +180,8 @@ def wait_for(
                 continue
             before = last.get(job_id)
             last[job_id] = info
+            if watch.settled(info):
+                done.add(job_id)
             if on_update is not None and (before is None or _news(before) != _news(info)):
                 on_update(info)
         if not waiting():

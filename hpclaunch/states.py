@@ -157,6 +157,12 @@ CANNOT_START: Mapping[str, str] = {
 }
 
 
+#: Reasons that also show for a while that passes: a controller that has just restarted names every node
+#: as unavailable until its slurmd registers again (seconds), and so does a node that briefly stops
+#: answering. A wait counts them only once they have lasted (see ``polling.StartWatch``).
+PASSING_REASONS = frozenset({"ReqNodeNotAvail"})
+
+
 def cannot_start_advice(reason: str | None) -> str | None:
     """What to change when ``reason`` (squeue's ``%r``) means the job can never start; else None.
 
@@ -215,6 +221,11 @@ class JobInfo:
     def cannot_start(self) -> str | None:
         """For a pending job that Slurm will never start as asked: what to change (else None)."""
         return cannot_start_advice(self.reason) if self.state.phase is Phase.PENDING else None
+
+    @property
+    def may_pass(self) -> bool:
+        """The reason it cannot start can also be a passing one (see ``PASSING_REASONS``)."""
+        return (self.reason or "").split(",", 1)[0].strip() in PASSING_REASONS
 
     @property
     def settled(self) -> bool:

@@ -30,7 +30,7 @@ from ..errors import (
 )
 from ..job import Job, LogReader, log_tail
 from ..params import whole_number
-from ..polling import Backoff, Poller
+from ..polling import Backoff, Poller, StartWatch
 from ..states import JobInfo, Phase
 from . import records
 from .banner import ServerLocation, find_server
@@ -332,6 +332,7 @@ def wait_for_server(
     running_since: float | None = None
     info = job.info()
     next_state_check = time.monotonic()
+    watch = StartWatch()
     poller = Poller(Backoff(initial=0.05, maximum=0.5, factor=1.4, jitter=0.0))
     for waited in poller:
         now = time.monotonic()
@@ -363,7 +364,7 @@ def wait_for_server(
                 f"job {info.describe()} ended before Jupyter started",
                 details=job.log_tail(secret=token) or log_tail(text, secret=token),
             )
-        if info.cannot_start is not None:
+        if watch.cannot_start(info) is not None:
             raise CannotRun(
                 f"job {job.id} can never start as asked ({info.reason}): {info.cannot_start}",
                 hint="the job is cancelled",

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from ..config import NodeAccess
 from ..console import no_interrupts
 from ..errors import CannotRun, HpclaunchError, JobNotFound, NodeAccessError, WaitTimeout
-from ..polling import Backoff, Poller
+from ..polling import Backoff, Poller, StartWatch
 from ..states import JobInfo, JobState, Phase
 from . import access, sshentry
 from .target import NodeTarget, running, while_running
@@ -50,13 +50,14 @@ def start(
 
 def wait_running(job: Job, *, status: Status, queue_timeout: float | None = None) -> JobInfo:
     """Poll (with backoff) until the job runs; an error when it ends first or can never start."""
+    watch = StartWatch()
     for waited in Poller(Backoff(initial=0.2, maximum=5.0, factor=1.5)):
         info = job.info()
         if info.phase is Phase.RUNNING and info.node_list:
             return info
         if info.is_terminal:
             raise NodeAccessError(f"job {info.describe()} ended before it ran", details=job.log_tail())
-        if info.cannot_start is not None:
+        if watch.cannot_start(info) is not None:
             raise CannotRun(f"job {job.id} can never start as asked ({info.reason}): {info.cannot_start}")
         if queue_timeout is not None and waited > queue_timeout:
             raise WaitTimeout(f"job {job.id} still pending after {queue_timeout:.0f} s ({info.reason})")

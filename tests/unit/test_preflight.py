@@ -8,7 +8,7 @@ from datetime import datetime
 import pytest
 
 from hpclaunch.errors import CannotRun
-from hpclaunch.polling import PollBudget, wait_for
+from hpclaunch.polling import PASSING_REASON_S, PollBudget, StartWatch, wait_for
 from hpclaunch.slurm.request import (
     Preflight,
     job_request,
@@ -162,3 +162,62 @@ def test_a_refreshed_estimate_is_news_while_waiting() -> None:
         "job 9 pending (Priority), estimated start 2026-12-01 14:40",
         "job 9 COMPLETED (Priority)",
     ]
+
+
+class _FakeTime:
+    """A clock that only sleeping moves."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += max(seconds, 1.0)
+
+
+NODES_AWAY = "ReqNodeNotAvail, UnavailableNodes:node1"
+
+
+def test_nodes_a_restarted_controller_has_not_heard_from_yet_do_not_end_the_wait() -> None:
+    # Right after slurmctld restarts, a job for node1 reads ReqNodeNotAvail until node1's slurmd
+    # registers again; then it runs and completes.
+    t = _FakeTime()
+    answers = iter([NODES_AWAY] * 5 + ["RUNNING", "COMPLETED"])
+
+    def states(ids: list[str]) -> dict[str, JobInfo]:
+        a = next(answers)
+        if a in ("RUNNING", "COMPLETED"):
+            return {i: JobInfo(i, JobState(a), "squeue") for i in ids}
+        return {i: JobInfo(i, JobState.PENDING, "squeue", reason=a) for i in ids}
+
+    final = wait_for(states, ["7"], sleep=t.sleep, clock=t.clock)
+    assert final["7"].state is JobState.COMPLETED and t.now < PASSING_REASON_S
+
+
+def test_nodes_that_stay_unavailable_end_the_wait_after_the_grace() -> None:
+    t = _FakeTime()
+
+    def states(ids: list[str]) -> dict[str, JobInfo]:
+        return {i: JobInfo(i, JobState.PENDING, "squeue", reason=NODES_AWAY) for i in ids}
+
+    final = wait_for(states, ["7"], sleep=t.sleep, clock=t.clock)
+    assert final["7"].cannot_start == CANNOT_START["ReqNodeNotAvail"]
+    assert PASSING_REASON_S <= t.now < PASSING_REASON_S + 20
+
+
+def test_start_watch_is_immediate_for_reasons_that_cannot_pass_and_restarts_when_the_reason_goes() -> None:
+    t = _FakeTime()
+    watch = StartWatch(grace=30, clock=t.clock)
+    hopeless = JobInfo("7", JobState.PENDING, "squeue", reason="PartitionTimeLimit")
+    away = JobInfo("8", JobState.PENDING, "squeue", reason=NODES_AWAY)
+    back = JobInfo("8", JobState.PENDING, "squeue", reason="Resources")
+    assert watch.cannot_start(hopeless) == CANNOT_START["PartitionTimeLimit"]
+    assert watch.cannot_start(away) is None
+    t.now = 20
+    assert watch.cannot_start(back) is None  # the nodes came back: the count starts again
+    t.now = 40
+    assert watch.cannot_start(away) is None and not watch.settled(away)
+    t.now = 71
+    assert watch.cannot_start(away) == CANNOT_START["ReqNodeNotAvail"] and watch.settled(away)
