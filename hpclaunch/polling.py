@@ -40,6 +40,7 @@ class StartWatch:
         return advice if self._clock() - first >= self.grace else None
 
     def settled(self, info: JobInfo) -> bool:
+        """Nothing more will happen by waiting: ended, or pending for a reason that is final."""
         return info.is_terminal or self.cannot_start(info) is not None
 
 

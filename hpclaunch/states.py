@@ -163,6 +163,11 @@ CANNOT_START: Mapping[str, str] = {
 PASSING_REASONS = frozenset({"ReqNodeNotAvail"})
 
 
+def reason_word(reason: str | None) -> str:
+    """The reason without its details: ``ReqNodeNotAvail, UnavailableNodes:node1`` is ``ReqNodeNotAvail``."""
+    return (reason or "").split(",", 1)[0].strip()
+
+
 def cannot_start_advice(reason: str | None) -> str | None:
     """What to change when ``reason`` (squeue's ``%r``) means the job can never start; else None.
 
@@ -170,7 +175,7 @@ def cannot_start_advice(reason: str | None) -> str | None:
     """
     if not reason:
         return None
-    word = reason.split(",", 1)[0].strip()
+    word = reason_word(reason)
     if word == "ReqNodeNotAvail" and "UnavailableNodes:" not in reason:
         return None
     return CANNOT_START.get(word)
@@ -225,12 +230,7 @@ class JobInfo:
     @property
     def may_pass(self) -> bool:
         """The reason it cannot start can also be a passing one (see ``PASSING_REASONS``)."""
-        return (self.reason or "").split(",", 1)[0].strip() in PASSING_REASONS
-
-    @property
-    def settled(self) -> bool:
-        """Nothing more will happen by waiting: ended, or pending for a reason that cannot clear."""
-        return self.is_terminal or self.cannot_start is not None
+        return reason_word(self.reason) in PASSING_REASONS
 
     @property
     def estimated_start(self) -> datetime | None:

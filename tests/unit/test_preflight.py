@@ -92,13 +92,13 @@ CLEARING = ["Priority", "Resources", "QOSGrpGRES", "BeginTime", "Dependency", "J
 @pytest.mark.parametrize("reason", HOPELESS)
 def test_reasons_that_cannot_clear_have_advice(reason: str) -> None:
     info = JobInfo("7", JobState.PENDING, "squeue", reason=reason)
-    assert info.cannot_start == CANNOT_START[reason] and info.settled and not info.is_terminal
+    assert info.cannot_start == CANNOT_START[reason] and StartWatch().settled(info) and not info.is_terminal
 
 
 @pytest.mark.parametrize("reason", CLEARING)
 def test_reasons_that_clear_keep_waiting(reason: str | None) -> None:
     info = JobInfo("7", JobState.PENDING, "squeue", reason=reason)
-    assert info.cannot_start is None and not info.settled
+    assert info.cannot_start is None and not StartWatch().settled(info)
 
 
 def test_unavailable_nodes_cannot_start_but_only_while_pending() -> None:
