@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Protocol
 
 from .console import redact
-from .errors import HpclaunchError
+from .errors import HpclaunchError, JobNotFound
 from .polling import Backoff, Poller, StartWatch
 from .transport.base import PathNotFound
 
@@ -94,11 +94,15 @@ class Job:
         name: str | None = None,
         info: JobInfo | None = None,
         output: str | None = None,
+        recorded: bool = False,
     ) -> None:
         self.cluster = cluster
         self.id = job_id
         self.run_dir = run_dir
         self.name = name
+        #: hpclaunch submitted this job (it is in the local job records): an id that the scheduler does
+        #: not know is then a job it has forgotten, not a typo.
+        self.recorded = recorded
         self._last: JobInfo | None = info
         self._output = output
 
@@ -124,9 +128,12 @@ class Job:
         Returns early for a job that Slurm will never start as asked: its info is pending, with
         ``cannot_start`` saying what to change, so a script can decide (cancel, resubmit, report).
         Unavailable nodes count once Slurm has said so for 30 s: a controller that has just restarted
-        says it of every node until they register again.
+        says it of every node until they register again. An id that neither the scheduler nor
+        hpclaunch's records know raises JobNotFound at once.
         """
-        infos = self.cluster.scheduler.wait([self.id], timeout=timeout, on_update=on_update)
+        grace = 120.0 if self.recorded else 0.0
+        scheduler = self.cluster.scheduler
+        infos = scheduler.wait([self.id], timeout=timeout, on_update=on_update, unknown_grace=grace)
         self._last = infos[self.id]
         return self._last
 
@@ -136,8 +143,22 @@ class Job:
     def output_path(self) -> str:
         """Where the job's output goes (known without asking Slurm when we chose it)."""
         if self._output is None:
-            self._output = self.cluster.scheduler.output_path(self.id)
+            try:
+                self._output = self.cluster.scheduler.output_path(self.id)
+            except HpclaunchError:
+                self._raise_if_not_found()
+                raise
         return self._output
+
+    def _raise_if_not_found(self, info: JobInfo | None = None) -> None:
+        """JobNotFound when no source knows the id and hpclaunch did not submit it."""
+        if self.recorded:
+            return
+        info = info or self.info()
+        if info.not_found:
+            raise JobNotFound(
+                f"no such job: {self.id} ({info.reason})", hint="check the id with `hpclaunch status`"
+            )
 
     def output_path_hint(self) -> str | None:
         """The output path when known without a scheduler call."""
@@ -168,7 +189,10 @@ class Job:
         poller = Poller(Backoff(initial=poll, maximum=max_poll, factor=1.5, jitter=0.0))
         watch = StartWatch()
         for _ in poller:
-            ended = watch.settled(self.info())
+            info = self.info()
+            self._raise_if_not_found(info)
+            # A recorded job that the scheduler has forgotten ended long ago: its log is complete.
+            ended = watch.settled(info) or info.not_found
             if reader.path is None:
                 try:
                     reader.path = self.output_path()

@@ -32,7 +32,7 @@ from hpclaunch.polling import PollBudget, UpdateCallback, wait_for
 from hpclaunch.scheduler import ArrayTask, Capabilities
 from hpclaunch.slurm.parse import expand_filename_pattern
 from hpclaunch.slurm.request import Preflight, job_request
-from hpclaunch.states import JobInfo, JobState
+from hpclaunch.states import NOT_FOUND, JobInfo, JobState
 from hpclaunch.transport.base import Transport
 
 NODE_NAME = "localhost"
@@ -367,7 +367,7 @@ class LocalScheduler:
             return JobInfo(
                 job_id=job_id,
                 state=JobState.UNKNOWN,
-                source="local",
+                source=NOT_FOUND,
                 reason=f"no local job {job_id} in {self.state_dir}",
             )
         alive = self._alive(job_id, meta)
@@ -501,9 +501,10 @@ class LocalScheduler:
         poll: float | None = None,
         max_poll: float | None = None,
         on_update: UpdateCallback | None = None,
+        unknown_grace: float | None = 120.0,
     ) -> dict[str, JobInfo]:
-        """Block until every job has ended; raise WaitTimeout at ``timeout``. Asking costs no
-        controller here: the default ceiling is 2 s."""
+        """Block until every job has ended; raise WaitTimeout at ``timeout``, JobNotFound for an id
+        unknown for ``unknown_grace`` s. Asking costs no controller here: the default ceiling is 2 s."""
         return wait_for(
             lambda ids: self.states(ids),
             job_ids,
@@ -513,6 +514,7 @@ class LocalScheduler:
             what="local job",
             sleep=self._sleep,
             clock=self._clock,
+            unknown_grace=unknown_grace,
         )
 
 

@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
-from hpclaunch.errors import WaitTimeout
+from hpclaunch.errors import JobNotFound, WaitTimeout
 from hpclaunch.states import JobInfo
 
 #: Called with a job's new info whenever its state, reason or estimated start changes during a wait.
@@ -148,14 +148,18 @@ def wait_for(
     sleep: Callable[[float], None] = time.sleep,
     clock: Callable[[], float] = time.monotonic,
     rng: Callable[[], float] = random.random,
+    unknown_grace: float | None = None,
 ) -> dict[str, JobInfo]:
     """Poll ``states`` (one batched query per round) until every id is settled (ended, or pending
     for a reason that cannot clear: see ``JobInfo.cannot_start``) or the deadline passes.
 
     UNKNOWN is never terminal: a controller that does not answer means "keep waiting", not "failed".
+    An id that every source answered for and none knew (``JobInfo.not_found``) for ``unknown_grace``
+    seconds raises JobNotFound (0: at once, for an id nobody submitted; None: never).
     """
     ids = list(dict.fromkeys(job_ids))
     last: dict[str, JobInfo] = {}
+    first_missing: dict[str, float] = {}
     done: set[str] = set()
     watch = StartWatch(clock=clock)
 
@@ -179,6 +183,14 @@ def wait_for(
             info = current.get(job_id)
             if info is None:
                 continue
+            now = clock()
+            if not info.not_found:
+                first_missing.pop(job_id, None)
+            elif unknown_grace is not None and now - first_missing.setdefault(job_id, now) >= unknown_grace:
+                raise JobNotFound(
+                    f"no such job: {job_id} ({info.reason})",
+                    hint="check the id with `hpclaunch status`",
+                )
             before = last.get(job_id)
             last[job_id] = info
             if watch.settled(info):

@@ -119,6 +119,17 @@ class Renderer:
             hint="available: " + ", ".join(self.names()),
         )
 
+    def uses(self, name: str, variable: str) -> bool:
+        """Whether template ``name`` itself (not what it extends) reads ``variable``."""
+        import jinja2
+        from jinja2 import meta
+
+        source = self.source_of(name).read_text(encoding="utf-8")
+        try:
+            return variable in meta.find_undeclared_variables(self.env.parse(source))
+        except jinja2.TemplateSyntaxError:
+            return True  # render() reports the syntax error with its line
+
     def render(self, name: str, context: Mapping[str, Any]) -> str:
         import jinja2
 

@@ -111,10 +111,11 @@ class Scheduler(Protocol):
         poll: float | None = None,
         max_poll: float | None = None,
         on_update: UpdateCallback | None = None,
+        unknown_grace: float | None = 120.0,
     ) -> dict[str, JobInfo]:
         """Block until every job has settled (ended, or pending for a reason that cannot clear),
         polling within the budget (``poll``/``max_poll`` are wishes inside it); WaitTimeout at the
-        deadline."""
+        deadline; JobNotFound for an id that no source has known for ``unknown_grace`` seconds."""
         ...
 
     def output_path(self, job_id: str) -> str:

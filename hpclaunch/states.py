@@ -181,13 +181,17 @@ def cannot_start_advice(reason: str | None) -> str | None:
     return CANNOT_START.get(word)
 
 
+#: ``JobInfo.source`` of an id that every source answered for and none knew.
+NOT_FOUND = "none"
+
+
 @dataclass(frozen=True)
 class JobInfo:
     """What one query learned about one job. Times are naive local datetimes as Slurm prints them."""
 
     job_id: str
     state: JobState
-    source: str  # 'squeue' | 'scontrol' | 'sacct' | 'local'
+    source: str  # 'squeue' | 'scontrol' | 'sacct' | 'local' | NOT_FOUND
     name: str | None = None
     reason: str | None = None
     node_list: str | None = None
@@ -206,6 +210,11 @@ class JobInfo:
     raw_job_id: str | None = None  # the unique numeric id, which differs from job_id for array tasks
     partition: str | None = None
     user: str | None = None
+
+    @property
+    def not_found(self) -> bool:
+        """Every source answered and none knew the id (a typo, or a job forgotten long ago)."""
+        return self.source == NOT_FOUND
 
     @property
     def phase(self) -> Phase:

@@ -22,6 +22,7 @@ from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from . import config as config_mod
+from . import jobrecords
 from .errors import HpclaunchError, ParameterError, TemplateError
 from .job import Job
 from .params import JOB_PARAMS, resolve, sbatch_directives, validate_params
@@ -45,6 +46,10 @@ _PATH_PARAMS = ("venv", "output", "error", "conda_env")
 SCRIPT_NAME = "job.sbatch"
 #: How :meth:`Submitter.new_run_dir` names a run directory: NAME-YYYYmmdd-HHMMSS-6 hex digits.
 _RUN_DIR_NAME = re.compile(r"^[A-Za-z0-9_.-]+-\d{8}-\d{6}-[0-9a-f]{6}$")
+
+
+#: A script that names its own output file (or is an array, whose default name differs) in ``#SBATCH``.
+_OWN_OUTPUT = re.compile(r"^#SBATCH\s+(-o\b|--output\b|-a\b|--array\b)", re.MULTILINE)
 
 
 def is_run_dir_name(name: str) -> bool:
@@ -218,9 +223,19 @@ class Submitter:
     ) -> Prepared:
         """Render ``template`` for a resolved ``job``; nothing is written to the cluster."""
         self.renderer.source_of(template)  # a wrong name fails before anything else
+        if isinstance(command, str):
+            raise ParameterError(
+                f"command must be a list of arguments, not the string {command!r}",
+                hint="pass e.g. ['python', 'train.py'] (shlex.split(text) turns a shell line into one)",
+            )
         if template == "run" and not command:
             raise ParameterError(
                 "the 'run' template needs a command", hint="e.g. hpclaunch submit run -- hostname"
+            )
+        if command and not self.renderer.uses(template, "command"):
+            raise ParameterError(
+                f"the {template!r} template takes no command, yet one was given: {' '.join(command)}",
+                hint="leave out what follows `--`, or use the 'run' template for a command",
             )
         job = dict(job)
         run_dir = run_dir or self.new_run_dir(job["job_name"])
@@ -287,7 +302,18 @@ class Submitter:
             files=files,
             texts=texts,
         )
-        return Job(self, job_id, run_dir=prepared.run_dir, name=prepared.name, output=prepared.output(job_id))
+        return self._recorded(
+            Job(self, job_id, run_dir=prepared.run_dir, name=prepared.name, output=prepared.output(job_id))
+        )
+
+    def _recorded(self, job: Job) -> Job:
+        """Note a submitted job in the local records (``logs``/``fetch`` after Slurm forgets it)."""
+        record = jobrecords.JobRecord(
+            self.profile.name, job.id, name=job.name, run_dir=job.run_dir, output=job.output_path_hint()
+        )
+        jobrecords.add(record)
+        job.recorded = True
+        return job
 
     def submit(
         self,
@@ -334,7 +360,11 @@ class Submitter:
         else:
             with self.removed_on_error(run_dir):
                 job_id = self.scheduler.submit(script, sbatch_args=args, workdir=submit_dir)
-        return Job(self, job_id, run_dir=run_dir, name=chosen.get("job_name") or path.name)
+        output = None
+        if not chosen.get("output") and not _OWN_OUTPUT.search(script):
+            output = f"{submit_dir}/slurm-{job_id}.out"  # sbatch's default, in the directory it ran from
+        name = chosen.get("job_name") or path.name
+        return self._recorded(Job(self, job_id, run_dir=run_dir, name=name, output=output))
 
     # --- jobs ----------------------------------------------------------------------------------
 
@@ -345,13 +375,18 @@ class Submitter:
         text = str(job_id).strip()
         if not is_job_id(text):
             raise ParameterError(f"{text!r} is not a job id", hint="job ids look like 1234 or 1234_5")
-        return Job(self, text)
+        record = jobrecords.find(self.profile.name, text)
+        if record is None:
+            return Job(self, text)
+        return Job(self, text, run_dir=record.run_dir, name=record.name, output=record.output, recorded=True)
 
-    def jobs(self, name_prefix: str | None = None) -> list[Job]:
-        """The user's jobs in the queue, optionally only those whose name starts with ``name_prefix``."""
-        return [
-            Job(self, info.job_id, name=info.name, info=info) for info in self.scheduler.jobs(name_prefix)
-        ]
+    def jobs(self, name_prefix: str | None = None, *, finished: bool = False) -> list[Job]:
+        """The user's active jobs in the queue by id, optionally only those whose name starts with
+        ``name_prefix``; ``finished``: also those that ended recently (Slurm shows them for MinJobAge),
+        after the active ones."""
+        infos = [i for i in self.scheduler.jobs(name_prefix) if finished or not i.is_terminal]
+        infos.sort(key=lambda i: (i.is_terminal, _id_key(i.job_id)))
+        return [Job(self, info.job_id, name=info.name, info=info) for info in infos]
 
     def states(self, jobs: Sequence[Job | str]) -> dict[str, JobInfo]:
         """The state of many jobs in one scheduler call."""
@@ -403,6 +438,11 @@ class Submitter:
             self._transport.close()
             self._transport = None
             self._scheduler = None
+
+
+def _id_key(job_id: str) -> tuple[int, ...]:
+    """Sort ``123``, ``123_4`` and ``1000`` as numbers."""
+    return tuple(int(part) if part.isdigit() else 0 for part in job_id.replace("+", "_").split("_"))
 
 
 def _looks_like_path(value: str) -> bool:

@@ -38,7 +38,7 @@ from hpclaunch.slurm.request import (
     parse_partitions,
     parse_test_only,
 )
-from hpclaunch.states import JobInfo, JobState, Phase
+from hpclaunch.states import NOT_FOUND, JobInfo, JobState, Phase
 from hpclaunch.transport.base import CommandResult, CommandRunner
 
 log = logging.getLogger(__name__)
@@ -311,21 +311,16 @@ class SlurmClient:
     def states(self, job_ids: Iterable[str]) -> dict[str, JobInfo]:
         """The info of every id: one squeue call for all, then scontrol, then sacct for the rest.
 
-        Ids no source knows, or that could not be asked because the controller did not answer, are
-        UNKNOWN with the reason in ``reason``; never FAILED.
+        Ids no source knows (source ``NOT_FOUND``), or that could not be asked because the controller
+        did not answer, are UNKNOWN with the reason in ``reason``; never FAILED.
         """
-        result, _ = self._states(job_ids)
-        return result
-
-    def _states(self, job_ids: Iterable[str]) -> tuple[dict[str, JobInfo], set[str]]:
-        """states(), plus the ids that every source answered for and none knew."""
         ids = list(dict.fromkeys(str(job_id).strip() for job_id in job_ids))
         for job_id in ids:
             if not parse.is_job_id(job_id):
                 raise SlurmError(f"not a Slurm job id: {job_id!r}")
         found: dict[str, JobInfo] = {}
         if not ids:
-            return found, set()
+            return found
         unavailable: str | None = None
 
         lookup = self._squeue(ids)
@@ -351,10 +346,10 @@ class SlurmClient:
         else:
             sources = "squeue or scontrol" if self.accounting is False else "squeue, scontrol or sacct"
             reason = f"not known to {sources} (finished long ago, or from another cluster?)"
+        source = NOT_FOUND if unavailable is None else "squeue"
         for job_id in missing:
-            found[job_id] = JobInfo(job_id=job_id, state=JobState.UNKNOWN, source="squeue", reason=reason)
-        not_found = set(missing) if unavailable is None else set()
-        return {job_id: found[job_id] for job_id in ids}, not_found
+            found[job_id] = JobInfo(job_id=job_id, state=JobState.UNKNOWN, source=source, reason=reason)
+        return {job_id: found[job_id] for job_id in ids}
 
     def _squeue(self, ids: list[str]) -> _Lookup:
         result = self._run(parse.squeue_argv(ids))
@@ -496,31 +491,16 @@ class SlurmClient:
         poll: float | None = None,
         max_poll: float | None = None,
         on_update: UpdateCallback | None = None,
-        unknown_grace: float = 120.0,
+        unknown_grace: float | None = 120.0,
     ) -> dict[str, JobInfo]:
         """Poll all ids with one batched query per round until every job has ended (or is pending for
         a reason that cannot clear), backing off within the profile's polling budget.
 
-        Raises WaitTimeout at ``timeout``; raises SlurmError when an id stays unknown to every source
+        Raises WaitTimeout at ``timeout``; raises JobNotFound when an id stays unknown to every source
         for ``unknown_grace`` seconds (a typo, or a job purged before we looked), instead of hanging.
         """
-        first_missing: dict[str, float] = {}
-
-        def query(ids: list[str]) -> Mapping[str, JobInfo]:
-            result, not_found = self._states(ids)
-            now = self._clock()
-            for job_id in ids:
-                if job_id not in not_found:
-                    first_missing.pop(job_id, None)
-                elif now - first_missing.setdefault(job_id, now) >= unknown_grace:
-                    raise SlurmError(
-                        f"job {job_id} is not known to Slurm: {result[job_id].reason}",
-                        hint="check the job id; a finished job is forgotten after MinJobAge without sacct",
-                    )
-            return result
-
         return wait_for(
-            query,
+            self.states,
             job_ids,
             timeout=timeout,
             backoff=self.poll_budget.backoff(poll, max_poll),
@@ -528,6 +508,7 @@ class SlurmClient:
             sleep=self._sleep,
             clock=self._clock,
             rng=self._rng,
+            unknown_grace=unknown_grace,
         )
 
 

@@ -125,6 +125,7 @@ OPTION_BAD: dict[tuple[str, str], tuple[str | None, str]] = {
     ("train", "--keep"): (None, NO_VALUE),
     ("logs", "--follow"): (None, NO_VALUE),
     ("status", "--json"): (None, NO_VALUE),
+    ("status", "--all"): (None, NO_VALUE),
     ("sessions", "--json"): (None, NO_VALUE),
     ("config show", "--json"): (None, NO_VALUE),
     ("config path", "--site"): (None, NO_VALUE),

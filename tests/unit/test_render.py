@@ -113,10 +113,13 @@ def test_user_template_dir_overrides_and_adds(tmp_path: Path) -> None:
     (tmp_path / "hello.sbatch.j2").write_text(
         '{% extends "_base.sbatch.j2" %}{% block body %}echo {{ vars.greeting | q }}\n{% endblock %}'
     )
-    (tmp_path / "run.sbatch.j2").write_text("#!/bin/bash\necho overridden\n")
+    (tmp_path / "run.sbatch.j2").write_text("#!/bin/bash\necho overridden\n{{ command | shell_join }}\n")
     c = Cluster(Profile(name="t", template_dir=str(tmp_path)))
     assert "echo 'hello world'" in c.render("hello", run_dir=RUN_DIR, variables={"greeting": "hello world"})
-    assert c.render("run", command=["x"], run_dir=RUN_DIR) == "#!/bin/bash\necho overridden\n"
+    assert c.render("run", command=["x"], run_dir=RUN_DIR) == "#!/bin/bash\necho overridden\nx\n"
+    (tmp_path / "run.sbatch.j2").write_text("#!/bin/bash\necho overridden\n")
+    with pytest.raises(ParameterError, match="the 'run' template takes no command"):
+        Cluster(Profile(name="t", template_dir=str(tmp_path))).render("run", command=["x"], run_dir=RUN_DIR)
     assert "hello" in c.renderer.names()
 
 
