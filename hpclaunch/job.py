@@ -146,11 +146,11 @@ class Job:
             try:
                 self._output = self.cluster.scheduler.output_path(self.id)
             except HpclaunchError:
-                self._raise_if_not_found()
+                self.ensure_known()
                 raise
         return self._output
 
-    def _raise_if_not_found(self, info: JobInfo | None = None) -> None:
+    def ensure_known(self, info: JobInfo | None = None) -> None:
         """JobNotFound when no source knows the id and hpclaunch did not submit it."""
         if self.recorded:
             return
@@ -190,7 +190,7 @@ class Job:
         watch = StartWatch()
         for _ in poller:
             info = self.info()
-            self._raise_if_not_found(info)
+            self.ensure_known(info)
             # A recorded job that the scheduler has forgotten ended long ago: its log is complete.
             ended = watch.settled(info) or info.not_found
             if reader.path is None:

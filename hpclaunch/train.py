@@ -154,6 +154,7 @@ def fetch(
     info = job.info()
     run_dir = job.run_dir or info.work_dir
     if not run_dir:
+        job.ensure_known(info)
         raise HpclaunchError(f"job {job.id}: its run directory is unknown (Slurm no longer lists it)")
     transport = cluster.transport
     dest.mkdir(parents=True, exist_ok=True)

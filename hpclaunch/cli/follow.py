@@ -42,6 +42,9 @@ def follow_job(job: Job, *, stream: bool = True, owner: bool = False) -> None:
             f"job {job.id} can never start as asked ({info.reason}): {info.cannot_start}",
             hint=f"job {job.id} is left pending (--keep)" if kept else f"job {job.id} is cancelled",
         )
+    if info.not_found:  # a job of hpclaunch's records that Slurm has forgotten (else follow raised)
+        say(f"job {job.id} ended long ago: Slurm no longer says how")
+        return
     if info.state.value != "COMPLETED":
         # The streamed log is already on screen; after a silent wait, show its end.
         raise JobFailed(f"job {info.describe()}", details=None if stream else job.log_tail())

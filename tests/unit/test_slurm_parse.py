@@ -654,7 +654,7 @@ def test_wait_keeps_waiting_through_an_outage_but_not_forever_on_an_unknown_id()
         return (0, "", "") if argv[0] == "squeue" else (1, "", "Invalid job id specified")
 
     client, _, _ = make_client(nothing)
-    with pytest.raises(SlurmError, match="no such job: 12345 .not known to squeue or scontrol"):
+    with pytest.raises(SlurmError, match=r"no such job: 12345 \(not known to squeue or scontrol"):
         client.wait(["12345"], unknown_grace=30)
 
 
