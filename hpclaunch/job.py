@@ -140,6 +140,22 @@ class Job:
     def cancel(self) -> None:
         self.cluster.scheduler.cancel(self.id)
 
+    def cancel_unless_ended(self) -> JobInfo | None:
+        """Cancel the job unless it has already ended: then nothing is sent and its info is returned
+        (so callers say "already COMPLETED", not "cancelled"). JobNotFound for an id nobody knows."""
+        info = self.info()
+        self.ensure_known(info)
+        if info.is_terminal or info.not_found:
+            return info
+        try:
+            self.cancel()
+        except JobNotFound:
+            info = self.info()  # it ended between the two calls (scancel refuses a finished job)
+            if info.is_terminal:
+                return info
+            raise
+        return None
+
     def output_path(self) -> str:
         """Where the job's output goes (known without asking Slurm when we chose it)."""
         if self._output is None:

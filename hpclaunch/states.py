@@ -258,6 +258,15 @@ class JobInfo:
             text += f", estimated start {self.estimated_start:%Y-%m-%d %H:%M}"
         return text
 
+    def already_ended(self) -> str:
+        """What to say when asked to end a job that has: ``already COMPLETED (exit 0)``."""
+        if self.not_found:
+            return "already ended (Slurm no longer lists it)"
+        # A cancelled or timed-out job's exit code is Slurm's, not the program's: not worth a word.
+        told = self.exit_code is not None and self.state in (JobState.COMPLETED, JobState.FAILED)
+        exit_code = f" (exit {self.exit_code})" if told else ""
+        return f"already {self.state.value}{exit_code}"
+
     def describe(self) -> str:
         """A short human line: ``123 RUNNING on node1`` or ``124 PENDING (Resources)``."""
         text = f"{self.job_id} {self.state.value}"

@@ -19,13 +19,13 @@ def command(app: AppContext, job_ids: tuple[str, ...]) -> None:
     unknown: list[str] = []
     for job in jobs:
         try:
-            job.cancel()
+            ended = job.cancel_unless_ended()
         except JobNotFound:
             unknown.append(job.id)
             continue
-        say(f"cancelled job {job.id}")
+        say(f"job {job.id} {ended.already_ended()}" if ended else f"cancelled job {job.id}")
     if unknown:
-        others = " (the others were cancelled)" if len(unknown) < len(jobs) else ""
+        others = " (the others are ended)" if len(unknown) < len(jobs) else ""
         raise JobNotFound(
             f"no such job: {', '.join(unknown)}{others}", hint="check the ids with `hpclaunch status`"
         )

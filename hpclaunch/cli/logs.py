@@ -6,6 +6,8 @@ import sys
 
 import click
 
+from ..console import say
+from ..states import Phase
 from .context import AppContext
 from .follow import follow_job
 
@@ -17,6 +19,10 @@ from .follow import follow_job
 def command(app: AppContext, job_id: str, follow: bool) -> None:
     """Print the output of JOB_ID."""
     job = app.cluster().job(job_id)
+    info = job.info()
+    job.ensure_known(info)
+    if info.state.phase is Phase.PENDING:
+        say(f"job {job.id} is pending ({info.reason or 'no reason given'}); no output yet")
     if follow:
         follow_job(job, stream=True)
     else:

@@ -99,8 +99,13 @@ def stop(app_ctx: AppContext, job_ids: tuple[str, ...]) -> None:
     for job_id in job_ids:
         sshentry.check_job_id(job_id)
         if sshentry.has_entry(job_id):
-            hold.stop(cluster, job_id)
-            say(f"stopped job {job_id}; removed Host {sshentry.alias(job_id)}")
+            ended = hold.stop(cluster, job_id)
+            state = f"job {job_id} {ended.already_ended()}" if ended else f"stopped job {job_id}"
+            say(f"{state}; removed Host {sshentry.alias(job_id)}")
         else:
-            stop_notebook(cluster, job_id)
-            say(f"stopped notebook job {job_id}")
+            ended = stop_notebook(cluster, job_id)
+            say(
+                f"notebook job {job_id} {ended.already_ended()}"
+                if ended
+                else f"stopped notebook job {job_id}"
+            )

@@ -32,6 +32,7 @@ from ..job import Job, LogReader, log_tail
 from ..params import whole_number
 from ..polling import Backoff, Poller, StartWatch
 from ..states import JobInfo, Phase
+from ..transport import relay
 from . import records
 from .banner import ServerLocation, find_server
 from .token import new_token
@@ -213,6 +214,7 @@ def start(
 ) -> Session:
     """Submit a notebook job and return a verified session; on any failure the job is cancelled."""
     options = options.resolved(cluster.profile)
+    relay.ensure_port_free(options.local_port, option="--local-port")  # before the queue, not after it
     job_params = cluster.resolve_job(params, default_name=JOB_PREFIX)
     token = new_token()
     run_dir = cluster.new_run_dir(job_params["job_name"])
@@ -247,20 +249,22 @@ def remove_notebook_dir(cluster: Submitter, run_dir: str | None) -> bool:
     return True
 
 
-def stop(cluster: Submitter, job_id: str) -> None:
-    """End a notebook: cancel its job, remove its run directory and this machine's record of it."""
+def stop(cluster: Submitter, job_id: str) -> JobInfo | None:
+    """End a notebook: cancel its job (unless it has ended), remove its run directory and this
+    machine's record of it. The ended job's info, or None when it was cancelled."""
     job = cluster.job(job_id)
     record = next(
         (r for r in records.load() if r.get("job_id") == job.id and r.get("profile") == cluster.profile.name),
         {},
     )
-    job.cancel()
-    run_dir = record.get("run_dir")
+    ended = job.cancel_unless_ended()
+    run_dir = record.get("run_dir") or job.run_dir
     if not run_dir:
         with contextlib.suppress(HpclaunchError):
             run_dir = job.info().work_dir
     remove_notebook_dir(cluster, run_dir)
     records.remove(job.id, cluster.profile.name)
+    return ended
 
 
 def forget_ended(cluster: Submitter, jobs: list[Job]) -> list[str]:
@@ -300,6 +304,7 @@ def attach(
 ) -> Session:
     """Reach a running notebook job again, reading its token back from the 0600 file in its run directory."""
     options = options.resolved(cluster.profile)
+    relay.ensure_port_free(options.local_port, option="--local-port")
     job = cluster.job(job_id)
     info = job.info()
     if info.phase is not Phase.RUNNING:

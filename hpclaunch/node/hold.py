@@ -151,8 +151,8 @@ class Hold:
         raise AssertionError("unreachable: the poller has no deadline")
 
 
-def stop(cluster: Submitter, job_id: str) -> bool:
-    """End a kept holding job: remove its entry (and server files), cancel it. Whether an entry was there."""
-    removed = access.revoke(cluster, job_id)
-    cluster.job(job_id).cancel()
-    return removed
+def stop(cluster: Submitter, job_id: str) -> JobInfo | None:
+    """End a kept holding job: remove its entry (and server files), cancel it unless it has ended.
+    The ended job's info, or None when it was cancelled."""
+    access.revoke(cluster, job_id)
+    return cluster.job(job_id).cancel_unless_ended()

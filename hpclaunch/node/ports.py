@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from ..errors import CommandTimeout, NodeAccessError, ParameterError
 from ..polling import Backoff, Poller
+from ..transport import relay
 from ..transport.base import CommandRunner, Forward, Forwarder
 
 Status = Callable[[str], None]
@@ -24,29 +25,36 @@ _PROBE = 'exec 3<>"/dev/tcp/$1/$2"'
 
 @dataclass(frozen=True)
 class PortSpec:
-    """``REMOTE_PORT[:LOCAL_PORT]``; local 0 means any free port."""
+    """``REMOTE_PORT[:LOCAL_PORT]``: the node's port, then this machine's (the reverse of ``ssh -L``'s
+    order). No local port: the same number when it is free here, else any free one; 0: any free one."""
 
     remote: int
-    local: int = 0
+    local: int | None = None
+
+    def local_choice(self) -> int:
+        """The local port to ask for: the remote number when it is free (and not privileged)."""
+        if self.local is not None:
+            return self.local
+        return self.remote if self.remote >= 1024 and relay.port_is_free(self.remote) else 0
 
     @classmethod
     def parse(cls, text: str) -> PortSpec:
         remote_text, sep, local_text = text.strip().partition(":")
         try:
             remote = int(remote_text)
-            local = int(local_text) if sep else 0
+            local = int(local_text) if sep else None
         except ValueError:
             raise ParameterError(
                 f"{text!r} is not a port", hint="give REMOTE_PORT or REMOTE_PORT:LOCAL_PORT, e.g. 6006:16006"
             ) from None
         if not 1 <= remote <= 65535:
             raise ParameterError(f"port {remote} is out of range", hint="ports are 1 to 65535")
-        if not 0 <= local <= 65535:
+        if local is not None and not 0 <= local <= 65535:
             raise ParameterError(f"local port {local} is out of range", hint="0 (any free) to 65535")
         return cls(remote, local)
 
     def __str__(self) -> str:
-        return f"{self.remote}:{self.local}" if self.local else str(self.remote)
+        return f"{self.remote}:{self.local}" if self.local is not None else str(self.remote)
 
 
 def parse_specs(texts: Sequence[str]) -> list[PortSpec]:
@@ -99,7 +107,9 @@ def wait_listening(
 def open_forwards(forwarder: Forwarder, host: str, specs: Sequence[PortSpec]) -> Iterator[list[Forward]]:
     """One local listener per spec (127.0.0.1), all closed when the context ends, even on error."""
     with contextlib.ExitStack() as stack:
-        yield [stack.enter_context(forwarder.forward(host, s.remote, local_port=s.local)) for s in specs]
+        yield [
+            stack.enter_context(forwarder.forward(host, s.remote, local_port=s.local_choice())) for s in specs
+        ]
 
 
 def wait_all(

@@ -53,7 +53,7 @@ from hpclaunch.errors import (
     TransportError,
     TunnelError,
 )
-from hpclaunch.transport import runtime
+from hpclaunch.transport import relay, runtime
 from hpclaunch.transport.base import (
     CommandResult,
     Forward,
@@ -681,6 +681,9 @@ class OpenSSHTransport(Transport):
 
     def _add_forward(self, host: str, port: int, local_port: int) -> int:
         """Ask the master to listen on 127.0.0.1 (a free port when ``local_port`` is 0)."""
+        # The master accepts a forward it already has (another session's) as done, and our cancel
+        # on exit would then close that session's tunnel: a port in use is refused here.
+        relay.ensure_port_free(local_port)
         for _ in range(5):
             chosen = local_port or _free_port()
             done = self._control("forward", "-L", self._spec(chosen, host, port))

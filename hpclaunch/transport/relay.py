@@ -14,6 +14,7 @@ Errors that are not ordinary disconnects are recorded and re-raised as
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import socket
 import threading
@@ -87,6 +88,8 @@ class Relay:
             self._listener.settimeout(0.5)
         except OSError as exc:
             self._listener.close()
+            if exc.errno == errno.EADDRINUSE:
+                raise port_in_use(local_port) from exc
             raise TunnelError(
                 f"cannot listen on {LISTEN_HOST}:{local_port}: {exc.strerror or exc}",
                 hint="choose another local port, or 0 for any free one",
@@ -224,6 +227,30 @@ class Relay:
                 self._untrack(source)
                 self._untrack(sink)
             done.set()
+
+
+def port_is_free(port: int) -> bool:
+    """Whether this machine could listen on ``127.0.0.1:port`` now (bound as the relay binds, then closed)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((LISTEN_HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def ensure_port_free(port: int, *, option: str = "the local port") -> None:
+    """TunnelError when ``127.0.0.1:port`` is taken: by another program, or by another hpclaunch
+    session's tunnel through a shared SSH connection (which must never be reused, nor closed by us)."""
+    if port and not port_is_free(port):
+        raise port_in_use(port, option=option)
+
+
+def port_in_use(port: int, *, option: str = "the local port") -> TunnelError:
+    return TunnelError(
+        f"port {port} is in use on this machine", hint=f"choose another {option}, or 0 for any free one"
+    )
 
 
 @contextlib.contextmanager

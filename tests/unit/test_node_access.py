@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from hpclaunch.errors import ParameterError
+from hpclaunch.errors import ParameterError, TunnelError
 from hpclaunch.node import sshentry
 from hpclaunch.node.ports import PortSpec, parse_specs
 from hpclaunch.node.target import first_node
+from hpclaunch.transport import relay
 
 
 @pytest.mark.parametrize(
@@ -28,6 +30,23 @@ def test_port_specs() -> None:
             PortSpec.parse(bad)
     with pytest.raises(ParameterError, match="given twice"):
         parse_specs(["80", "80:81"])
+
+
+def test_a_port_without_a_local_number_keeps_its_own_when_free_here() -> None:
+    # Issue 24: `forward JOB 8765` took a random local port.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+    assert PortSpec(free).local_choice() == free
+    assert PortSpec(free, 0).local_choice() == 0  # 0: any free one, as asked
+    assert PortSpec(22).local_choice() == 0  # a privileged number: not ours to take
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        assert PortSpec(busy).local_choice() == 0
+        with pytest.raises(TunnelError, match=f"port {busy} is in use on this machine"):
+            relay.ensure_port_free(busy)
 
 
 def entry(job_id: str) -> sshentry.Entry:
