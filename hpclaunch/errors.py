@@ -139,6 +139,15 @@ class TunnelError(TransportError):
     """A port forward could not be opened or broke."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or TERM/HUP) after which hpclaunch cleaned up; ``done`` says what it did, for the user:
+    ``cancelled job 12``."""
+
+    def __init__(self, done: str) -> None:
+        super().__init__(done)
+        self.done = done
+
+
 class HpclaunchWarning(UserWarning):
     """Something to fix that does not stop the command, such as a config file others can read.
 

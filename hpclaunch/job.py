@@ -7,11 +7,12 @@ Jobs come from :class:`hpclaunch.submission.Submitter` (and so from ``Cluster``:
 from __future__ import annotations
 
 import codecs
+import contextlib
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Protocol
 
-from .console import redact
-from .errors import HpclaunchError, JobNotFound
+from .console import no_interrupts, redact
+from .errors import HpclaunchError, Interrupted, JobNotFound
 from .polling import Backoff, Poller, StartWatch
 from .transport.base import PathNotFound
 
@@ -139,6 +140,19 @@ class Job:
 
     def cancel(self) -> None:
         self.cluster.scheduler.cancel(self.id)
+
+    @contextlib.contextmanager
+    def cancelled_on_failure(self) -> Iterator[None]:
+        """Cancel the job if the block fails or is interrupted: nothing is left behind. An interrupt
+        comes out as Interrupted, which says so ("cancelled job N")."""
+        try:
+            yield
+        except BaseException as exc:
+            with no_interrupts(), contextlib.suppress(HpclaunchError):
+                self.cancel()
+            if isinstance(exc, KeyboardInterrupt) and not isinstance(exc, Interrupted):
+                raise Interrupted(f"cancelled job {self.id}") from exc
+            raise
 
     def cancel_unless_ended(self) -> JobInfo | None:
         """Cancel the job unless it has already ended: then nothing is sent and its info is returned

@@ -11,12 +11,12 @@ import os
 import sys
 import traceback
 import warnings
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 
 from ..console import interrupt_once
-from ..errors import HpclaunchError, HpclaunchWarning
+from ..errors import HpclaunchError, HpclaunchWarning, Interrupted
 from .context import AppContext
 
 _COMMANDS: dict[str, tuple[str, str]] = {
@@ -184,6 +184,13 @@ def main(argv: list[str] | None = None) -> None:
         _main(argv)
 
 
+def _interrupted(interrupt: BaseException | None) -> NoReturn:
+    """Exit 130, saying what was cleaned up on the way out where that is known."""
+    done = f"; {interrupt.done}" if isinstance(interrupt, Interrupted) else ""
+    sys.stderr.write(f"\nhpclaunch: interrupted{done}\n")
+    sys.exit(130)
+
+
 def _main(argv: list[str] | None) -> None:
     args = sys.argv[1:] if argv is None else argv
     debug = debug_requested(args) or os.environ.get("HPCLAUNCH_DEBUG", "") not in ("", "0")
@@ -192,9 +199,8 @@ def _main(argv: list[str] | None) -> None:
         code = cli.main(args=args, prog_name=prog, standalone_mode=False)
         if isinstance(code, int) and code:
             sys.exit(code)
-    except click.Abort:
-        sys.stderr.write("\nhpclaunch: interrupted\n")
-        sys.exit(130)
+    except click.Abort as abort:  # click's form of a KeyboardInterrupt in a command
+        _interrupted(abort.__cause__)
     except click.ClickException as err:
         if debug:
             traceback.print_exc()
@@ -208,8 +214,7 @@ def _main(argv: list[str] | None) -> None:
         if err.details:
             sys.stderr.write(err.details.rstrip("\n") + "\n")
         sys.exit(err.exit_code)
-    except KeyboardInterrupt:
-        sys.stderr.write("\nhpclaunch: interrupted\n")
-        sys.exit(130)
+    except KeyboardInterrupt as interrupt:
+        _interrupted(interrupt)
     except BrokenPipeError:
         sys.exit(0)

@@ -225,14 +225,9 @@ def start(
     # The token file is read verbatim by jupyter_server: no newline.
     job = cluster.submit_prepared(prepared, texts={TOKEN_FILE: token})
     status(f"submitted job {job.id}")
-    try:
+    with job.cancelled_on_failure():  # Ctrl-C or an error before the user got a URL
         location = wait_for_server(job, options, status=status, token=token)
         return connect(cluster, job, location, token, options, status=status)
-    except BaseException:
-        # Ctrl-C or an error before the user got a URL: leave nothing behind.
-        with no_interrupts(), contextlib.suppress(HpclaunchError):
-            job.cancel()
-        raise
 
 
 def remove_notebook_dir(cluster: Submitter, run_dir: str | None) -> bool:

@@ -39,12 +39,8 @@ def start(
     job_params = cluster.resolve_job(params, default_name=JOB_PREFIX)
     job = cluster.submit_prepared(cluster.prepare("hold", job_params))
     status(f"submitted job {job.id}")
-    try:
+    with job.cancelled_on_failure():
         wait_running(job, status=status, queue_timeout=queue_timeout)
-    except BaseException:
-        with no_interrupts(), contextlib.suppress(HpclaunchError):
-            job.cancel()
-        raise
     return job
 
 

@@ -834,6 +834,8 @@ def test_ctrl_c_while_jupyter_waits_cancels_the_job(cli_env: dict[str, str], pha
         assert cli.wait(timeout=20) == 130, cli.stderr
         assert_cancelled_within(job_id, sent)
         assert "Traceback" not in cli.stderr and not cli.stdout.strip()
+        # First landing: only "hpclaunch: interrupted" (issue 24); later phases said what they did.
+        assert f"hpclaunch: interrupted; cancelled job {job_id}" in cli.stderr
     finally:
         cli.stop()
         scancel(job_id)
