@@ -328,3 +328,21 @@ def sbatch_directives(
         out.append(f"--chdir={chdir}")
     out.extend(job.get("sbatch_options") or ())
     return out
+
+
+def gpus_beyond_a_node(asked: int, per_node: int | None) -> str | None:
+    """The one line for a GPU count no node has (``--gpus`` is per node), or None when it fits or
+    the nodes' GPUs are not known. Every command says it alike: preflight, submit, train."""
+    if per_node is None or asked <= per_node:
+        return None
+    return f"--gpus {asked} is more than a node has here ({per_node} per node): use more --nodes instead"
+
+
+def gres_gpus(gres: str | None) -> int:
+    """The GPUs per node in a ``--gres`` value (``gpu:2``, ``gpu:a100:2,shard:1``); 0 when none."""
+    for item in (gres or "").split(","):
+        kind, _, rest = item.partition(":")
+        if kind.strip() == "gpu":
+            count = rest.rsplit(":", 1)[-1]
+            return int(count) if count.isdigit() else 1
+    return 0

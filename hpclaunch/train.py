@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import HpclaunchError, ParameterError, TemplateError
-from .params import reject_control_chars, whole_number
+from .errors import CannotRun, HpclaunchError, ParameterError, TemplateError
+from .params import gpus_beyond_a_node, reject_control_chars, whole_number
 from .render import data_dir
 
 if TYPE_CHECKING:
@@ -119,11 +119,9 @@ def submit(
     gpus = int(job.get("gpus") or 0)
     if gpus:
         have = cluster.scheduler.gpus_per_node(job.get("partition"))
-        if have is not None and gpus > have:
-            raise ParameterError(
-                f"--gpus {gpus} is more than a node has here ({have} per node)",
-                hint="use more --nodes instead",
-            )
+        problem = gpus_beyond_a_node(gpus, have)
+        if problem:
+            raise CannotRun(problem)
     data = data_dir_arg(script_args)
     if data is not None and not cluster.transport.exists(cluster.transport.expand(data)):
         where = cluster.profile.host or "this machine"

@@ -27,6 +27,7 @@ from hpclaunch.errors import (
     SlurmUnavailable,
     SubmissionRejected,
 )
+from hpclaunch.params import gpus_beyond_a_node, gres_gpus
 from hpclaunch.polling import Backoff, PollBudget, Poller, UpdateCallback, wait_for
 from hpclaunch.scheduler import ArrayTask, Capabilities
 from hpclaunch.slurm import parse
@@ -223,7 +224,8 @@ class SlurmClient:
     ) -> Preflight:
         """Whether and when the job could start, without queueing it: the partition's limits, then
         ``sbatch --test-only`` with the very script and options. Raises CannotRun with what to change."""
-        problem = over_limits(job_request(script_text, sbatch_args), self.partitions())
+        request = job_request(script_text, sbatch_args)
+        problem = over_limits(request, self.partitions())
         if problem:
             raise CannotRun(problem)
         argv = ["sbatch", "--test-only", *self._check_args(sbatch_args)]
@@ -236,6 +238,11 @@ class SlurmClient:
             return found
         if parse.classify_error(text) == "transient":
             raise SlurmUnavailable(f"the Slurm controller did not answer: {parse.slurm_message(text)}")
+        # Slurm's "Requested node configuration is not available" says nothing of why: name the GPUs.
+        asked = gres_gpus(request.get("gres"))
+        problem = gpus_beyond_a_node(asked, self.gpus_per_node(request.get("partition"))) if asked else None
+        if problem:
+            raise CannotRun(problem)
         raise CannotRun(f"Slurm refuses the request: {parse.slurm_message(text)}", hint=_refusal_hint(text))
 
     def partitions(self) -> dict[str, Partition]:

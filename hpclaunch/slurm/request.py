@@ -41,6 +41,7 @@ _OPTION_NAMES = {
     "--account": "account",
     "-a": "array",
     "--array": "array",
+    "--gres": "gres",
 }
 _FLAGS_WITHOUT_VALUE = frozenset(
     {"-H", "--hold", "-Q", "--quiet", "-v", "--verbose", "-W", "--wait", "--exclusive", "--parsable",

@@ -242,3 +242,26 @@ def _interrupt(proc: subprocess.Popen[str]) -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+# --- one message for one mistake -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "command",
+    [("check", "run"), ("submit", "run"), ("jupyter", "--no-browser"), ("train", "mnist_lenet5")],
+    ids=lambda c: c[0],
+)
+def test_more_gpus_than_a_node_has_is_one_precise_line_and_exit_4(
+    cli_env: dict[str, str], cluster: Cluster, command: tuple[str, ...]
+) -> None:
+    # First landing: check/submit/jupyter said Slurm's "Requested node configuration is not available"
+    # (exit 4), train "more than a node has here" (exit 2).
+    before = {j.id for j in cluster.jobs(finished=True)}
+    args = [*command, "--gpus", "3"] + (["--", "true"] if command[0] == "submit" else [])
+    result = run_hpclaunch(cli_env, *args, timeout=60)
+    assert result.returncode == 4, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        "hpclaunch: error: --gpus 3 is more than a node has here (2 per node): use more --nodes instead"
+    ]
+    assert {j.id for j in cluster.jobs(finished=True)} == before

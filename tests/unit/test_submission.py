@@ -11,7 +11,7 @@ import pytest
 from hpclaunch.cli import debug_requested
 from hpclaunch.cluster import Cluster
 from hpclaunch.config import Profile
-from hpclaunch.errors import ParameterError
+from hpclaunch.errors import CannotRun, ParameterError
 from hpclaunch.localsched import LocalScheduler
 from hpclaunch.slurm.parse import parse_sinfo_gpus
 from hpclaunch.train import TrainOptions
@@ -54,7 +54,7 @@ def cluster_with(tmp_path: Path, scheduler: RecordingScheduler, **defaults: Any)
 def test_train_takes_gpus_from_cluster_defaults(tmp_path: Path) -> None:
     # First landing: Cluster(gpus=4) was not seen by the per-node check, which then passed wrongly.
     cluster = cluster_with(tmp_path, RecordingScheduler(gpus_per_node=2), gpus=4)
-    with pytest.raises(ParameterError, match=r"--gpus 4 is more than a node has here \(2 per node\)"):
+    with pytest.raises(CannotRun, match=r"--gpus 4 is more than a node has here \(2 per node\)"):
         cluster.train("mnist_lenet5", ["--dataset", "synthetic"])
     assert not (tmp_path / "runs").exists()  # refused before anything was staged
 
