@@ -15,6 +15,8 @@ from ..errors import JobNotFound
 from ..params import format_time
 from .context import AppContext
 
+NO_ACTIVE_JOBS = "no active jobs (--all shows the ones that ended recently)"
+
 
 def _plain(value: Any) -> Any:
     if isinstance(value, Enum):
@@ -53,7 +55,7 @@ def command(app: AppContext, job_ids: tuple[str, ...], as_json: bool, show_all: 
         _refuse_unknown(unknown)
         return
     if not infos and not unknown:
-        say("no active jobs" + ("" if show_all else " (--all shows the ones that ended recently)"))
+        say("no recent jobs" if show_all else NO_ACTIVE_JOBS)
         return
     if not infos:
         _refuse_unknown(unknown)

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import pytest
 import requests
 
+from hpclaunch.cli.status import NO_ACTIVE_JOBS
 from hpclaunch.cluster import Cluster
 from hpclaunch.config import Profile
 from hpclaunch.errors import ConnectionFailed
@@ -292,6 +293,7 @@ def test_key_file_readable_by_others_warns_once(
     # paramiko uses the key anyway; OpenSSH's ssh skips it (the dev config's own key logs in here).
     assert re.fullmatch(
         rf"hpclaunch: warning: SSH key {re.escape(str(key))} is readable by other users"
-        rf"(, so ssh will not use it)?; run: chmod 600 {re.escape(str(key))}\n",
+        rf"(, so ssh will not use it)?; run: chmod 600 {re.escape(str(key))}\n"
+        rf"({re.escape(NO_ACTIVE_JOBS)}\n)?",
         result.stderr,
     ), result.stderr
