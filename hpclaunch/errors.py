@@ -27,6 +27,10 @@ class HpclaunchError(Exception):
             text += f" ({' '.join(self.hint.split())})"
         return text
 
+    def __str__(self) -> str:
+        # A script using the API sees what to do, as the CLI's user does: the valid keys, the fix.
+        return self.one_line()
+
 
 class ConfigError(HpclaunchError):
     """The configuration file or a profile is invalid."""

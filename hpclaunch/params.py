@@ -89,16 +89,19 @@ def _constraint(name: str, raw: Any) -> str:
 
 
 _SLURM_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
-_HUMAN_TIME = re.compile(r"^(\d+)\s*([dhms])$", re.IGNORECASE)
-_HUMAN_UNITS = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+# Units in falling order, each at most once: 90m, 2h, 2h30m, 1d12h, 1h 30m 10s.
+_HUMAN_TIME = re.compile(
+    r"^(?=\d)(?:(\d+)\s*d\s*)?(?:(\d+)\s*h\s*)?(?:(\d+)\s*m\s*)?(?:(\d+)\s*s)?$", re.IGNORECASE
+)
+_HUMAN_UNITS = (86400, 3600, 60, 1)
 
 
 def parse_time(raw: str) -> int:
-    """Seconds in a Slurm time limit: ``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH[:MM[:SS]]``, ``90m``, ``2h``."""
+    """Seconds in a Slurm time limit: ``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH[:MM[:SS]]``, ``2h30m``."""
     text = raw.strip()
     human = _HUMAN_TIME.match(text)
-    if human:
-        return int(human.group(1)) * _HUMAN_UNITS[human.group(2).lower()]
+    if human and any(human.groups()):
+        return sum(int(n) * unit for n, unit in zip(human.groups(), _HUMAN_UNITS, strict=True) if n)
     match = _SLURM_TIME.match(text)
     if not match:
         raise ValueError(text)
@@ -131,7 +134,7 @@ def _time(name: str, raw: Any) -> str:
     except ValueError:
         raise ParameterError(
             f"{name}: {text!r} is not a time limit",
-            hint="use Slurm's format, e.g. 30, 2:00:00 or 1-12:00:00 (or 90m, 2h, 1d)",
+            hint="use Slurm's format, e.g. 30, 2:00:00 or 1-12:00:00 (or 90m, 2h30m, 1d)",
         ) from None
     if seconds <= 0:
         raise ParameterError(f"{name}: the time limit must be longer than zero")
@@ -229,7 +232,7 @@ JOB_PARAMS: tuple[Param, ...] = (
     Param("partition", "Partition (queue) to submit to.", _slurm_name, metavar="NAME"),
     Param("account", "Account to charge.", _slurm_name, metavar="NAME"),
     Param("qos", "Quality of service.", _slurm_name, metavar="NAME"),
-    Param("time", "Time limit, e.g. 30, 2:00:00, 1-12:00:00, 90m, 2h.", _time, "01:00:00", "TIME"),
+    Param("time", "Time limit, e.g. 30, 2:00:00, 1-12:00:00, 90m, 2h30m.", _time, "01:00:00", "TIME"),
     Param("nodes", "Number of nodes.", whole_number(1), 1, "N"),
     Param(
         "ntasks_per_node", "Tasks (processes) per node; one per GPU for training.", whole_number(1), 1, "N"
@@ -280,9 +283,14 @@ def validate_params(
         name = key.replace("-", "_")
         param = known.get(name)
         if param is None:
+            import difflib
+
+            close = difflib.get_close_matches(name, known, n=1)
             raise ParameterError(
                 f"{where}unknown job parameter {key!r}",
-                hint="valid ones: " + ", ".join(sorted(known)),
+                hint=(f"did you mean {close[0]!r}? " if close else "")
+                + "valid ones: "
+                + ", ".join(sorted(known)),
             )
         if raw is None:
             continue

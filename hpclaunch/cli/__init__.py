@@ -201,6 +201,8 @@ def _main(argv: list[str] | None) -> None:
             sys.exit(code)
     except click.Abort as abort:  # click's form of a KeyboardInterrupt in a command
         _interrupted(abort.__cause__)
+    except click.exceptions.NoArgsIsHelpError as err:  # bare `hpclaunch`: help is the answer, not an error
+        click.echo(err.ctx.get_help())
     except click.ClickException as err:
         if debug:
             traceback.print_exc()

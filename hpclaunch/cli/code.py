@@ -63,6 +63,11 @@ def command(
             "--idle-timeout needs node_access = step (--access step): in jump mode "
             "sessions do not pass through the job"
         )
+    folder = cluster.transport.expand(path)
+    if not cluster.transport.exists(folder):  # before the queue wait, not after it in VS Code
+        raise click.BadParameter(
+            f"{folder} does not exist on {cluster.transport.description}", param_hint="--path"
+        )
     use_preflight(cluster, preflight)
     with StatusLine() as line:
         job = hold.start(cluster, given(values), status=line.update)

@@ -24,7 +24,12 @@ def follow_job(job: Job, *, stream: bool = True, owner: bool = False) -> None:
             info = job.info()
         else:
             with StatusLine() as line:
-                info = job.wait(on_update=lambda news: line.update(news.waiting_line()))
+                # The end is said once, below, not also as the status line's last update.
+                info = job.wait(
+                    on_update=lambda news: (
+                        None if news.state.is_terminal else line.update(news.waiting_line())
+                    )
+                )
     except KeyboardInterrupt:
         if owner:
             with no_interrupts(), contextlib.suppress(HpclaunchError):

@@ -72,7 +72,9 @@ def _refusal_hint(text: str) -> str:
             "no node has what was asked for: ask for fewer --gpus, less --mem or --cpus-per-task, or "
             "another --constraint/--partition (see `sinfo -o '%P %D %c %m %G %f'`)"
         )
-    return "change the request (see `hpclaunch check --help`)"
+    if "invalid feature specification" in text.lower():
+        return "no node here has that --constraint feature; list the features with `sinfo -o '%N %f'`"
+    return "change the request; `hpclaunch check` tries one without queueing it"
 
 
 class _RetriesSpent(Exception):

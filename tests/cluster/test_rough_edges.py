@@ -265,3 +265,20 @@ def test_more_gpus_than_a_node_has_is_one_precise_line_and_exit_4(
         "hpclaunch: error: --gpus 3 is more than a node has here (2 per node): use more --nodes instead"
     ]
     assert {j.id for j in cluster.jobs(finished=True)} == before
+
+
+def test_code_refuses_a_folder_that_does_not_exist_before_queueing(
+    cli_env: dict[str, str], cluster: Cluster
+) -> None:
+    # First landing: accepted, queued, and VS Code later opened nothing.
+    before = {job.id for job in cluster.jobs()}
+    result = run_hpclaunch(cli_env, "code", "--path", "/nonexistent/project", timeout=60)
+    assert result.returncode == 2
+    assert "/nonexistent/project does not exist on" in result.stderr, result.stderr
+    assert {job.id for job in cluster.jobs()} == before
+
+
+def test_submit_wait_says_how_the_job_ended_once(cli_env: dict[str, str]) -> None:
+    result = run_hpclaunch(cli_env, "submit", "run", "--wait", "--", "true", timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("COMPLETED exit 0") == 1, result.stderr

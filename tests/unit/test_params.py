@@ -20,6 +20,10 @@ from hpclaunch.params import JOB_PARAMS, parse_time, resolve, sbatch_directives,
         ("90m", "01:30:00"),
         ("2h", "02:00:00"),
         ("1d", "1-00:00:00"),
+        ("2h30m", "02:30:00"),
+        ("1d12h", "1-12:00:00"),
+        ("1h 30m 10s", "01:30:10"),
+        ("2H30M", "02:30:00"),
         ("unlimited", "UNLIMITED"),
     ],
 )
@@ -27,7 +31,7 @@ def test_time_formats_normalise(raw: str, expected: str) -> None:
     assert validate_params({"time": raw})["time"] == expected
 
 
-@pytest.mark.parametrize("raw", ["25 hours", "lots", "1:2:3:4", "-5", "0", "1.5h", ""])
+@pytest.mark.parametrize("raw", ["25 hours", "lots", "1:2:3:4", "-5", "0", "1.5h", "", "30m2h", "h", "2h2h"])
 def test_bad_times_are_refused(raw: str) -> None:
     with pytest.raises(ParameterError, match="time"):
         validate_params({"time": raw})

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -94,3 +97,51 @@ def test_jobs_lists_active_jobs_by_id_and_finished_only_when_asked(local: Cluste
     assert [j.id for j in local.jobs()] == sorted((j.id for j in running), key=int)
     everything = [j.id for j in local.jobs(finished=True)]
     assert everything[-1] == done.id and set(everything[:-1]) == {j.id for j in running}
+
+
+# -- item 18: the small ones --------------------------------------------------------------------------
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "hpclaunch", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_bare_hpclaunch_prints_its_help_not_an_error() -> None:
+    # First landing: "hpclaunch: error: Usage: ..." on stderr, exit 2.
+    result = _cli()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Usage: hpclaunch") and "error" not in result.stderr
+
+
+def test_a_directory_given_as_a_job_script_is_named_a_directory(tmp_path: Path) -> None:
+    result = _cli("submit", str(tmp_path), env={"XDG_STATE_HOME": str(tmp_path / "state")})
+    assert result.returncode != 0
+    assert f"job script {tmp_path} is a directory, not a job script" in result.stderr, result.stderr
+    trained = _cli("train", f"{tmp_path}/", env={"XDG_STATE_HOME": str(tmp_path / "state")})
+    assert "is a directory, not a script" in trained.stderr, trained.stderr
+
+
+@pytest.mark.parametrize(("raw", "seconds"), [("2h30m", 9000), ("1d12h", 129600), ("1h 30m 10s", 5410)])
+def test_compound_human_times_are_accepted(raw: str, seconds: int) -> None:
+    from hpclaunch.params import parse_time
+
+    assert parse_time(raw) == seconds
+
+
+def test_the_api_names_the_valid_keys_for_an_unknown_one(local: Cluster) -> None:
+    with pytest.raises(ParameterError) as caught:
+        local.submit("run", command=["true"], gpu=1)
+    assert "did you mean 'gpus'?" in str(caught.value) and "valid ones: " in str(caught.value)
+
+
+def test_the_hint_for_an_unknown_feature_reads_as_one_sentence() -> None:
+    from hpclaunch.slurm.client import _refusal_hint
+
+    assert "sinfo" in _refusal_hint("Invalid feature specification")
+    assert "(" not in _refusal_hint("something new")  # it is shown in parentheses: none nested
