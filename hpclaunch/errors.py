@@ -5,6 +5,7 @@ Every error carries a one-line message that says what is wrong and, in ``hint``,
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 
@@ -48,6 +49,12 @@ class TemplateError(HpclaunchError):
     """A template is missing, or it could not be rendered."""
 
     exit_code = 2
+
+    @classmethod
+    def not_a_file(cls, what: str, path: os.PathLike[str], *, hint: str) -> TemplateError:
+        """``job script /etc is a directory, not a file`` or ``... does not exist``."""
+        problem = "is a directory, not a file" if os.path.isdir(path) else "does not exist"
+        return cls(f"{what} {path} {problem}", hint=hint)
 
 
 class TransportError(HpclaunchError):

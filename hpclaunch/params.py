@@ -100,7 +100,7 @@ def parse_time(raw: str) -> int:
     """Seconds in a Slurm time limit: ``MM``, ``MM:SS``, ``HH:MM:SS``, ``D-HH[:MM[:SS]]``, ``2h30m``."""
     text = raw.strip()
     human = _HUMAN_TIME.match(text)
-    if human and any(human.groups()):
+    if human:  # the lookahead makes at least one unit match
         return sum(int(n) * unit for n, unit in zip(human.groups(), _HUMAN_UNITS, strict=True) if n)
     match = _SLURM_TIME.match(text)
     if not match:

@@ -338,8 +338,7 @@ class Submitter:
         """Submit the user's own job script; only what the user chose overrides its ``#SBATCH`` lines."""
         path = Path(path)
         if not path.is_file():
-            problem = "is a directory, not a job script" if path.is_dir() else "does not exist"
-            raise TemplateError(f"job script {path} {problem}", hint="give a template name or a script file")
+            raise TemplateError.not_a_file("job script", path, hint="give a template name or a script file")
         try:
             script = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:

@@ -66,8 +66,7 @@ def resolve_script(name_or_path: str) -> tuple[Path, list[Path]]:
     path = Path(name_or_path).expanduser()
     if path.suffix == ".py" or "/" in name_or_path:
         if not path.is_file():
-            problem = "is a directory, not a script" if path.is_dir() else "does not exist"
-            raise TemplateError(f"training script {path} {problem}", hint="give a path to a .py file")
+            raise TemplateError.not_a_file("training script", path, hint="give a path to a .py file")
         return path, [path]
     raise TemplateError(
         f"unknown training job {name_or_path!r}",

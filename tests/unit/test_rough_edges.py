@@ -122,9 +122,9 @@ def test_bare_hpclaunch_prints_its_help_not_an_error() -> None:
 def test_a_directory_given_as_a_job_script_is_named_a_directory(tmp_path: Path) -> None:
     result = _cli("submit", str(tmp_path), env={"XDG_STATE_HOME": str(tmp_path / "state")})
     assert result.returncode != 0
-    assert f"job script {tmp_path} is a directory, not a job script" in result.stderr, result.stderr
+    assert f"job script {tmp_path} is a directory, not a file" in result.stderr, result.stderr
     trained = _cli("train", f"{tmp_path}/", env={"XDG_STATE_HOME": str(tmp_path / "state")})
-    assert "is a directory, not a script" in trained.stderr, trained.stderr
+    assert "is a directory, not a file" in trained.stderr, trained.stderr
 
 
 @pytest.mark.parametrize(("raw", "seconds"), [("2h30m", 9000), ("1d12h", 129600), ("1h 30m 10s", 5410)])
